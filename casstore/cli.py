@@ -1,0 +1,312 @@
+"""The command line: parse, make one Store call, print.
+
+Machine output goes to stdout through ``_emit`` (one JSON document with
+``--json``); messages go to stderr through logging, silenced by ``-q``.
+Exit codes are decided once, in ``main()``, from the error's class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import CasError, exit_code_of
+from .models import LinkMode
+from .store import Store
+
+LINK_MODES = click.Choice([m.value for m in LinkMode])
+
+
+class _Context:
+    def __init__(self, store_dir: str | None, as_json: bool) -> None:
+        self.store_dir = store_dir
+        self.json = as_json
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.store_dir)
+        return self._store
+
+
+pass_ctx = click.make_pass_decorator(_Context)
+
+
+def _emit(ctx: _Context, data: Any, text: str | None = None) -> None:
+    """Machine output: ``data`` as JSON with --json, else ``text``."""
+    if ctx.json:
+        click.echo(json.dumps(data, indent=None, sort_keys=False))
+    elif text is not None:
+        click.echo(text)
+
+
+def _size_text(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--store", "store_dir", envvar="CASSTORE_DIR", type=click.Path(file_okay=False),
+    help="Store directory (default: $CASSTORE_DIR or the user cache dir).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
+@click.option("-v", "--verbose", count=True, help="More messages on stderr.")
+@click.version_option(__version__, "--version", prog_name="casstore")
+@click.pass_context
+def cli(click_ctx: click.Context, store_dir: str | None, as_json: bool, quiet: bool,
+        verbose: int) -> None:
+    """casstore: download artifacts once, prove them by hash, hardlink them everywhere.
+
+    Example: casstore get https://example.org/tool.tar.gz --sha256 <64 hex>
+    """
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
+                                         logging.INFO if verbose else logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("casstore: %(message)s"))
+    log = logging.getLogger("casstore")
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    click_ctx.obj = _Context(store_dir, as_json)
+
+
+@cli.command()
+@click.argument("urls", nargs=-1, required=True)
+@click.option("--sha256", help="Expected sha256 (64 hex); without it, trust on first use.")
+@click.option("--name", help="Record this name for the object.")
+@click.option("-o", "--output", "dest", type=click.Path(dir_okay=False),
+              help="Materialize the object here and print this path.")
+@click.option("--link", "link_mode", type=LINK_MODES, default="auto", show_default=True)
+@click.option("--md5", help="Also check this md5 in the same pass.")
+@pass_ctx
+def get(ctx: _Context, urls: tuple[str, ...], sha256: str | None, name: str | None,
+        dest: str | None, link_mode: str, md5: str | None) -> None:
+    """Ensure the object behind URL is in the store; print its path (or DEST).
+
+    Extra URLs are mirrors, tried in order.
+
+    Example: casstore get https://example.org/a.whl --sha256 <hex> -o ./a.whl
+    """
+    from .models import Request
+
+    artifact = ctx.store.ensure(
+        Request(urls[0], sha256=sha256, name=name, mirrors=urls[1:], dest=dest, md5=md5),
+        link=link_mode,
+    )
+    _emit(ctx, artifact.as_dict(), str(artifact.dest or artifact.path))
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True)
+@click.option("--name", help="Record this name for the object (one file only).")
+@pass_ctx
+def put(ctx: _Context, files: tuple[str, ...], name: str | None) -> None:
+    """Ingest local files ('-' for stdin); print each sha256.
+
+    Example: casstore put ./model.bin --name model
+    """
+    from .errors import InvalidInput
+
+    if name and len(files) > 1:
+        raise InvalidInput("--name takes one file only")
+    for f in files:  # unreadable files are bad input, checked before writing any
+        if f != "-" and (not os.access(f, os.R_OK) or os.path.isdir(f)):
+            raise InvalidInput(f"cannot read {f}: no such readable file", path=f)
+    out = []
+    for f in files:
+        sha = ctx.store.put(sys.stdin.buffer if f == "-" else f, name=name)
+        path = ctx.store.layout.object_path(sha)
+        out.append({"sha256": sha, "size": path.stat().st_size, "path": str(path), "file": f})
+    _emit(ctx, out if len(out) > 1 else out[0], "\n".join(o["sha256"] for o in out))
+
+
+@cli.command()
+@click.argument("ref")
+@pass_ctx
+def path(ctx: _Context, ref: str) -> None:
+    """Print the path of the object REF names.
+
+    Example: casstore path sha256:<hex>
+    """
+    p = ctx.store.path(ref)
+    _emit(ctx, {"sha256": p.name, "size": p.stat().st_size, "path": str(p)}, str(p))
+
+
+@cli.command()
+@click.argument("ref")
+@pass_ctx
+def cat(ctx: _Context, ref: str) -> None:
+    """Write the bytes of the object REF names to stdout.
+
+    Example: casstore cat my-name > file
+    """
+    with ctx.store.open(ref) as f:
+        shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+        sys.stdout.buffer.flush()
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("dest", type=click.Path())
+@click.option("--link", "link_mode", type=LINK_MODES, default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Replace a DEST that has other content.")
+@pass_ctx
+def link(ctx: _Context, ref: str, dest: str, link_mode: str, force: bool) -> None:
+    """Materialize the object REF names at DEST.
+
+    Example: casstore link numpy.whl ./wheels/numpy.whl --link hardlink
+    """
+    result = ctx.store.link(ref, dest, link=link_mode, force=force)
+    obj = ctx.store.layout.object_path(result.sha256)
+    _emit(
+        ctx,
+        {"sha256": result.sha256, "size": obj.stat().st_size, "path": str(obj),
+         "dest": str(result.dest), "method": result.method},
+        str(result.dest),
+    )
+    logging.getLogger("casstore").info("%s: %s", result.method, result.dest)
+
+
+@cli.command()
+@click.argument("ref")
+@pass_ctx
+def info(ctx: _Context, ref: str) -> None:
+    """Show one object with its names, sources and links.
+
+    Example: casstore info 1a2b3c4d
+    """
+    obj = ctx.store.info(ref)
+    lines = [f"sha256   {obj.sha256}", f"size     {obj.size} ({_size_text(obj.size)})",
+             f"path     {obj.path}", f"blake3   {obj.blake3 or '-'}",
+             f"pinned   {'yes' if obj.pinned else 'no'}"]
+    if obj.md5:
+        lines.append(f"md5      {obj.md5}")
+    lines += [f"name     {n}" for n in obj.names]
+    lines += [f"source   {s}" for s in obj.sources]
+    lines += [f"link     {lk['path']} ({lk['method']})" for lk in obj.links]
+    _emit(ctx, obj.as_dict(), "\n".join(lines))
+
+
+@cli.command("ls")
+@click.option("--sort", "order", type=click.Choice(["sha256", "size", "used"]),
+              default="sha256", show_default=True)
+@pass_ctx
+def ls_(ctx: _Context, order: str) -> None:
+    """List objects: sha256, size, names.
+
+    Example: casstore ls --sort size
+    """
+    objs = ctx.store.ls(order=order)
+    _emit(
+        ctx,
+        [o.as_dict() for o in objs],
+        "\n".join(f"{o.sha256}  {o.size:>12}  {' '.join(o.names)}".rstrip() for o in objs),
+    )
+
+
+@cli.command()
+@pass_ctx
+def stats(ctx: _Context) -> None:
+    """Totals: objects, bytes, names, pins, links, temp files.
+
+    Example: casstore --json stats
+    """
+    s = ctx.store.stats()
+    text = "\n".join(
+        [f"objects     {s.objects}", f"bytes       {s.bytes} ({_size_text(s.bytes)})",
+         f"saved       {s.saved_bytes} ({_size_text(s.saved_bytes)}) by hardlinks",
+         f"names       {s.names}", f"pinned      {s.pinned}", f"links       {s.links}",
+         f"temp files  {s.temp_files}", f"path        {s.path}"]
+    )
+    _emit(ctx, s.as_dict(), text)
+
+
+@cli.command()
+@click.argument("ref")
+@pass_ctx
+def pin(ctx: _Context, ref: str) -> None:
+    """Keep the object REF names from gc.
+
+    Example: casstore pin my-dataset
+    """
+    sha = ctx.store.pin(ref)
+    _emit(ctx, {"sha256": sha, "pinned": True}, sha)
+
+
+@cli.command()
+@click.argument("ref")
+@pass_ctx
+def unpin(ctx: _Context, ref: str) -> None:
+    """Let gc evict the object REF names again.
+
+    Example: casstore unpin my-dataset
+    """
+    sha = ctx.store.unpin(ref)
+    _emit(ctx, {"sha256": sha, "pinned": False}, sha)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Remove an object even while it has live links.")
+@pass_ctx
+def rm(ctx: _Context, ref: str, force: bool) -> None:
+    """Remove a name, or an object named by digest.
+
+    Example: casstore rm old-name
+    """
+    what = ctx.store.rm(ref, force=force)
+    _emit(ctx, {"ref": ref, "removed": what}, f"removed {what} {ref}")
+
+
+@cli.command("dir")
+@pass_ctx
+def dir_(ctx: _Context) -> None:
+    """Print the store's directory.
+
+    Example: cd "$(casstore dir)"
+    """
+    _emit(ctx, {"path": str(ctx.store.root)}, str(ctx.store.root))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line; exit with the SPEC's code for whatever went wrong."""
+    try:
+        cli.main(args=argv, prog_name="casstore", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("casstore: aborted", err=True)
+        sys.exit(1)
+    except CasError as exc:
+        click.echo(f"casstore: error: {exc}", err=True)
+        sys.exit(exit_code_of(exc))
+    except BrokenPipeError:
+        # `casstore cat X | head`: the reader left; not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as exc:
+        click.echo(f"casstore: error: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(0)

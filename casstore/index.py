@@ -1,0 +1,395 @@
+"""The SQLite index: the only module that speaks SQL.
+
+The index is metadata (names, sources, links, pins, last use); the objects on
+disk are the truth.  One connection per thread (and per process after a
+fork), WAL, a long busy timeout, and every write in ``BEGIN IMMEDIATE``: a
+deferred ``BEGIN`` fails its read-to-write upgrade without waiting.
+
+The schema comes only from ``migrations/NNNN_name.sql``, each applied with
+its record row in one transaction after re-checking under the write lock,
+so two processes opening a new store never both apply 0001.
+
+Cache hits use the standard library's sqlite3 alone; sqlite-utils (~85 ms to
+import) is loaded for listings and maintenance only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CasError
+from .layout import Layout
+
+BUSY_TIMEOUT_MS = 120_000
+_MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    id: int
+    name: str
+    path: Path
+
+    @property
+    def sql(self) -> str:
+        return self.path.read_text()
+
+
+def migrations_dir() -> Path:
+    """``migrations/`` inside an installed wheel, else at the top of a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "migrations", here.parent / "migrations"):
+        if candidate.is_dir():
+            return candidate
+    raise CasError(f"casstore's migrations/ folder is missing next to {here}", path=str(here))
+
+
+def known_migrations() -> list[Migration]:
+    found = []
+    for name in os.listdir(migrations_dir()):
+        m = _MIGRATION_RE.match(name)
+        if m:
+            found.append(Migration(int(m.group(1)), m.group(2), migrations_dir() / name))
+    return sorted(found, key=lambda m: m.id)
+
+
+def _statements(sql: str) -> Iterator[str]:
+    buf = ""
+    for line in sql.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            yield buf
+            buf = ""
+    if buf.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in buf.splitlines()
+    ):
+        raise CasError("migration ends in an incomplete statement")
+
+
+class Index:
+    """Per-store index; safe to share between threads (a connection each)."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.path = layout.index
+        self._local = threading.local()
+        self._open_lock = threading.Lock()
+
+    # -- connections -------------------------------------------------------
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            conn = self._connect()
+            local.conn, local.pid = conn, os.getpid()
+        return conn
+
+    @property
+    def db(self):
+        """A sqlite_utils.Database over this thread's connection (imported on first use)."""
+        local = self._local
+        db = getattr(local, "db", None)
+        if db is None or db.conn is not self.conn:
+            import sqlite_utils
+
+            db = local.db = sqlite_utils.Database(self.conn)
+        return db
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _connect(self) -> sqlite3.Connection:
+        self.layout.ensure()
+        try:
+            return self._open()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):
+                raise CasError(
+                    f"cannot open index {self.path}: {exc}", path=str(self.path)
+                ) from exc
+            # Not a database (truncated, overwritten): keep it aside, start afresh.
+            # Objects are the truth; `verify --repair` re-indexes them.
+            with self._open_lock:
+                self._set_aside()
+            return self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _set_aside(self) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(src, self.path.with_name(f"index.db.broken-{stamp}{suffix}"))
+
+    # -- migrations --------------------------------------------------------
+
+    @staticmethod
+    def _schema_version(conn: sqlite3.Connection) -> int:
+        try:
+            row = conn.execute("SELECT max(id) FROM casstore_migrations").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return 0
+            raise
+        return row[0] or 0
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        migrations = known_migrations()
+        latest = migrations[-1].id if migrations else 0
+        current = self._schema_version(conn)
+        if current > latest:
+            raise CasError(
+                f"index {self.path} has schema {current}, newer than this casstore knows "
+                f"({latest}); upgrade casstore",
+                path=str(self.path),
+            )
+        for migration in migrations:
+            if migration.id <= current:
+                continue
+            with self._write(conn):
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS casstore_migrations "
+                    "(id INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
+                )
+                # Re-check under the write lock: another process may have won.
+                if self._schema_version(conn) >= migration.id:
+                    continue
+                for statement in _statements(migration.sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO casstore_migrations (id, name, applied) VALUES (?, ?, ?)",
+                    (migration.id, migration.name, time.time()),
+                )
+
+    # -- transactions ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        conn = conn or self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- objects -----------------------------------------------------------
+
+    def get_object(self, sha256: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM objects WHERE sha256 = ?", (sha256,)).fetchone()
+        return dict(row) if row else None
+
+    def record_object(
+        self,
+        sha256: str,
+        size: int,
+        *,
+        blake3: str | None = None,
+        md5: str | None = None,
+        name: str | None = None,
+        source: str | None = None,
+        etag: str | None = None,
+        last_modified: str | None = None,
+    ) -> None:
+        """Insert or refresh an object's row, with its name and source, in one transaction."""
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO objects (sha256, size, blake3, md5, created, last_used) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET "
+                "last_used = excluded.last_used, "
+                "blake3 = coalesce(objects.blake3, excluded.blake3), "
+                "md5 = coalesce(objects.md5, excluded.md5)",
+                (sha256, size, blake3, md5, now, now),
+            )
+            self._record_name_source(conn, sha256, name, source, etag, last_modified, now)
+
+    def record_use(
+        self, sha256: str, size: int, *, name: str | None = None, source: str | None = None
+    ) -> None:
+        """A cache hit: move last use (coarsened to 1 s) and add a new name or source.
+
+        Writes nothing when nothing changes, so a hot hit is one indexed read.
+        """
+        now = time.time()
+        conn = self.conn
+        row = conn.execute(
+            "SELECT last_used FROM objects WHERE sha256 = ?", (sha256,)
+        ).fetchone()
+        need_name = name is not None and not conn.execute(
+            "SELECT 1 FROM names WHERE name = ? AND sha256 = ?", (name, sha256)
+        ).fetchone()
+        need_source = source is not None and not conn.execute(
+            "SELECT 1 FROM sources WHERE url = ? AND sha256 = ?", (source, sha256)
+        ).fetchone()
+        if row is not None and now - row[0] < 1.0 and not need_name and not need_source:
+            return
+        with self._write(conn):
+            conn.execute(
+                "INSERT INTO objects (sha256, size, created, last_used) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (sha256) DO UPDATE SET last_used = max(last_used, excluded.last_used)",
+                (sha256, size, now, now),
+            )
+            self._record_name_source(
+                conn,
+                sha256,
+                name if need_name else None,
+                source if need_source else None,
+                None,
+                None,
+                now,
+            )
+
+    @staticmethod
+    def _record_name_source(conn, sha256, name, source, etag, last_modified, now) -> None:
+        if name is not None:
+            conn.execute(
+                "INSERT INTO names (name, sha256, recorded) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET sha256 = excluded.sha256, "
+                "recorded = excluded.recorded",
+                (name, sha256, now),
+            )
+        if source is not None:
+            conn.execute(
+                "INSERT INTO sources (url, sha256, etag, last_modified, recorded) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (url) DO UPDATE SET "
+                "sha256 = excluded.sha256, etag = coalesce(excluded.etag, sources.etag), "
+                "last_modified = coalesce(excluded.last_modified, sources.last_modified), "
+                "recorded = excluded.recorded",
+                (source, sha256, etag, last_modified, now),
+            )
+
+    def forget_object(self, sha256: str) -> None:
+        """Drop an object's row and, by cascade, its names, sources and links."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM objects WHERE sha256 = ?", (sha256,))
+
+    def set_pinned(self, sha256: str, pinned: bool) -> bool:
+        """Returns False when the object has no row."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE objects SET pinned = ? WHERE sha256 = ?", (int(pinned), sha256)
+            )
+        return cur.rowcount > 0
+
+    # -- names and sources -------------------------------------------------
+
+    def lookup_name(self, name: str) -> str | None:
+        row = self.conn.execute("SELECT sha256 FROM names WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def lookup_source(self, url: str) -> str | None:
+        row = self.conn.execute("SELECT sha256 FROM sources WHERE url = ?", (url,)).fetchone()
+        return row[0] if row else None
+
+    def lookup_md5(self, md5: str) -> str | None:
+        row = self.conn.execute("SELECT sha256 FROM objects WHERE md5 = ?", (md5,)).fetchone()
+        return row[0] if row else None
+
+    def remove_name(self, name: str) -> bool:
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM names WHERE name = ?", (name,))
+        return cur.rowcount > 0
+
+    def match_prefix(self, prefix: str) -> list[str]:
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = self.conn.execute(
+            "SELECT sha256 FROM objects WHERE sha256 >= ? AND sha256 < ? LIMIT 20",
+            (prefix, upper),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    # -- links -------------------------------------------------------------
+
+    def record_link(self, path: str, device: int, inode: int, sha256: str, method: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO links (path, device, inode, sha256, method, recorded) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET "
+                "device = excluded.device, inode = excluded.inode, sha256 = excluded.sha256, "
+                "method = excluded.method, recorded = excluded.recorded",
+                (path, device, inode, sha256, method, time.time()),
+            )
+
+    def links_of(self, sha256: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT path, device, inode, method FROM links WHERE sha256 = ? ORDER BY path",
+            (sha256,),
+        )
+        return [dict(r) for r in rows]
+
+    def forget_link(self, path: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM links WHERE path = ?", (path,))
+
+    # -- listings ----------------------------------------------------------
+
+    def describe(self, sha256: str) -> dict[str, Any] | None:
+        """An object's row with its names, sources and links."""
+        obj = self.get_object(sha256)
+        if obj is None:
+            return None
+        conn = self.conn
+        obj["names"] = [
+            r[0] for r in conn.execute("SELECT name FROM names WHERE sha256 = ? ORDER BY 1", (sha256,))
+        ]
+        obj["sources"] = [
+            r[0] for r in conn.execute("SELECT url FROM sources WHERE sha256 = ? ORDER BY 1", (sha256,))
+        ]
+        obj["links"] = self.links_of(sha256)
+        return obj
+
+    def list_objects(self, *, order: str = "sha256") -> list[dict[str, Any]]:
+        column = {"sha256": "sha256", "size": "size DESC", "used": "last_used DESC"}[order]
+        names: dict[str, list[str]] = {}
+        for row in self.db.query("SELECT sha256, name FROM names ORDER BY name"):
+            names.setdefault(row["sha256"], []).append(row["name"])
+        out = []
+        for row in self.db["objects"].rows_where(order_by=column):
+            row["names"] = names.get(row["sha256"], [])
+            out.append(row)
+        return out
+
+    def totals(self) -> dict[str, int]:
+        conn = self.conn
+        objects, size, pinned = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(pinned), 0) FROM objects"
+        ).fetchone()
+        return {
+            "objects": objects,
+            "bytes": size,
+            "pinned": pinned,
+            "names": conn.execute("SELECT count(*) FROM names").fetchone()[0],
+            "links": conn.execute("SELECT count(*) FROM links").fetchone()[0],
+        }

@@ -1,0 +1,69 @@
+"""URL checks and redaction, with no network code (fetch.py owns httpx).
+
+Credentials never reach the index, logs or output: every URL is passed
+through ``redact`` before it is stored, printed or put in an error.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+from .errors import InvalidInput
+
+SCHEMES = ("http", "https", "file")
+_SECRET_PARAM = re.compile(
+    r"(token|key|secret|password|passwd|pwd|sig|signature|auth|credential|session)", re.I
+)
+
+
+def redact(url: str) -> str:
+    """``url`` with userinfo and secret-looking query values replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<invalid url>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_PARAM.search(k) for k, _ in pairs):
+            query = urlencode(
+                [(k, "***" if _SECRET_PARAM.search(k) else v) for k, v in pairs], safe="*"
+            )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def check_url(url: str) -> str:
+    """Return ``url`` if casstore can fetch it.
+
+    Raises:
+        InvalidInput: unsupported scheme or no host (the URL is redacted in the message).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise InvalidInput(f"invalid URL {redact(url)!r}: {exc}", url=redact(url)) from exc
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        shown = redact(url)
+        raise InvalidInput(
+            f"unsupported URL scheme {scheme or '(none)'!r} in {shown}: use http, https or file",
+            url=shown,
+        )
+    if scheme != "file" and not parts.hostname:
+        raise InvalidInput(f"invalid URL {redact(url)!r}: no host", url=redact(url))
+    return url
+
+
+def file_name(url: str) -> str:
+    """The last segment of the URL's path (``fetch --dest`` names files by it)."""
+    name = unquote(urlsplit(url).path.rstrip("/").rpartition("/")[2])
+    return name or "download"
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a ``file://`` URL."""
+    return unquote(urlsplit(url).path)
