@@ -59,7 +59,10 @@ def _size_text(n: int) -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--store", "store_dir", envvar="CASSTORE_DIR", type=click.Path(file_okay=False),
+    "--store",
+    "store_dir",
+    envvar="CASSTORE_DIR",
+    type=click.Path(file_okay=False),
     help="Store directory (default: $CASSTORE_DIR or the user cache dir).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
@@ -67,14 +70,18 @@ def _size_text(n: int) -> str:
 @click.option("-v", "--verbose", count=True, help="More messages on stderr.")
 @click.version_option(__version__, "--version", prog_name="casstore")
 @click.pass_context
-def cli(click_ctx: click.Context, store_dir: str | None, as_json: bool, quiet: bool,
-        verbose: int) -> None:
+def cli(
+    click_ctx: click.Context, store_dir: str | None, as_json: bool, quiet: bool, verbose: int
+) -> None:
     """casstore: download artifacts once, prove them by hash, hardlink them everywhere.
 
     Example: casstore get https://example.org/tool.tar.gz --sha256 <64 hex>
     """
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
-                                         logging.INFO if verbose else logging.WARNING)
+    level = (
+        logging.ERROR
+        if quiet
+        else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("casstore: %(message)s"))
     log = logging.getLogger("casstore")
@@ -88,13 +95,25 @@ def cli(click_ctx: click.Context, store_dir: str | None, as_json: bool, quiet: b
 @click.argument("urls", nargs=-1, required=True)
 @click.option("--sha256", help="Expected sha256 (64 hex); without it, trust on first use.")
 @click.option("--name", help="Record this name for the object.")
-@click.option("-o", "--output", "dest", type=click.Path(dir_okay=False),
-              help="Materialize the object here and print this path.")
+@click.option(
+    "-o",
+    "--output",
+    "dest",
+    type=click.Path(dir_okay=False),
+    help="Materialize the object here and print this path.",
+)
 @click.option("--link", "link_mode", type=LINK_MODES, default="auto", show_default=True)
 @click.option("--md5", help="Also check this md5 in the same pass.")
 @pass_ctx
-def get(ctx: _Context, urls: tuple[str, ...], sha256: str | None, name: str | None,
-        dest: str | None, link_mode: str, md5: str | None) -> None:
+def get(
+    ctx: _Context,
+    urls: tuple[str, ...],
+    sha256: str | None,
+    name: str | None,
+    dest: str | None,
+    link_mode: str,
+    md5: str | None,
+) -> None:
     """Ensure the object behind URL is in the store; print its path (or DEST).
 
     Extra URLs are mirrors, tried in order.
@@ -174,8 +193,13 @@ def link(ctx: _Context, ref: str, dest: str, link_mode: str, force: bool) -> Non
     obj = ctx.store.layout.object_path(result.sha256)
     _emit(
         ctx,
-        {"sha256": result.sha256, "size": obj.stat().st_size, "path": str(obj),
-         "dest": str(result.dest), "method": result.method},
+        {
+            "sha256": result.sha256,
+            "size": obj.stat().st_size,
+            "path": str(obj),
+            "dest": str(result.dest),
+            "method": result.method,
+        },
         str(result.dest),
     )
     logging.getLogger("casstore").info("%s: %s", result.method, result.dest)
@@ -190,9 +214,13 @@ def info(ctx: _Context, ref: str) -> None:
     Example: casstore info 1a2b3c4d
     """
     obj = ctx.store.info(ref)
-    lines = [f"sha256   {obj.sha256}", f"size     {obj.size} ({_size_text(obj.size)})",
-             f"path     {obj.path}", f"blake3   {obj.blake3 or '-'}",
-             f"pinned   {'yes' if obj.pinned else 'no'}"]
+    lines = [
+        f"sha256   {obj.sha256}",
+        f"size     {obj.size} ({_size_text(obj.size)})",
+        f"path     {obj.path}",
+        f"blake3   {obj.blake3 or '-'}",
+        f"pinned   {'yes' if obj.pinned else 'no'}",
+    ]
     if obj.md5:
         lines.append(f"md5      {obj.md5}")
     lines += [f"name     {n}" for n in obj.names]
@@ -202,8 +230,13 @@ def info(ctx: _Context, ref: str) -> None:
 
 
 @cli.command("ls")
-@click.option("--sort", "order", type=click.Choice(["sha256", "size", "used"]),
-              default="sha256", show_default=True)
+@click.option(
+    "--sort",
+    "order",
+    type=click.Choice(["sha256", "size", "used"]),
+    default="sha256",
+    show_default=True,
+)
 @pass_ctx
 def ls_(ctx: _Context, order: str) -> None:
     """List objects: sha256, size, names.
@@ -227,10 +260,16 @@ def stats(ctx: _Context) -> None:
     """
     s = ctx.store.stats()
     text = "\n".join(
-        [f"objects     {s.objects}", f"bytes       {s.bytes} ({_size_text(s.bytes)})",
-         f"saved       {s.saved_bytes} ({_size_text(s.saved_bytes)}) by hardlinks",
-         f"names       {s.names}", f"pinned      {s.pinned}", f"links       {s.links}",
-         f"temp files  {s.temp_files}", f"path        {s.path}"]
+        [
+            f"objects     {s.objects}",
+            f"bytes       {s.bytes} ({_size_text(s.bytes)})",
+            f"saved       {s.saved_bytes} ({_size_text(s.saved_bytes)}) by hardlinks",
+            f"names       {s.names}",
+            f"pinned      {s.pinned}",
+            f"links       {s.links}",
+            f"temp files  {s.temp_files}",
+            f"path        {s.path}",
+        ]
     )
     _emit(ctx, s.as_dict(), text)
 

@@ -69,7 +69,8 @@ def download(url: str, sink: Sink, *, client: httpx.Client) -> Fetched:
             if response.status_code >= 400:
                 raise DownloadError(
                     f"HTTP {response.status_code} {response.reason_phrase} for {shown}",
-                    url=shown, status=response.status_code,
+                    url=shown,
+                    status=response.status_code,
                 )
             for chunk in response.iter_raw():
                 sink.write(chunk)
@@ -77,7 +78,8 @@ def download(url: str, sink: Sink, *, client: httpx.Client) -> Fetched:
             if expected is not None and sink.size != expected:
                 raise DownloadError(
                     f"body of {shown} has {sink.size} bytes, Content-Length said {expected}",
-                    url=shown, status=response.status_code,
+                    url=shown,
+                    status=response.status_code,
                 )
             return Fetched(
                 url=str(response.url),

@@ -244,15 +244,19 @@ class Index:
         """
         now = time.time()
         conn = self.conn
-        row = conn.execute(
-            "SELECT last_used FROM objects WHERE sha256 = ?", (sha256,)
-        ).fetchone()
-        need_name = name is not None and not conn.execute(
-            "SELECT 1 FROM names WHERE name = ? AND sha256 = ?", (name, sha256)
-        ).fetchone()
-        need_source = source is not None and not conn.execute(
-            "SELECT 1 FROM sources WHERE url = ? AND sha256 = ?", (source, sha256)
-        ).fetchone()
+        row = conn.execute("SELECT last_used FROM objects WHERE sha256 = ?", (sha256,)).fetchone()
+        need_name = (
+            name is not None
+            and not conn.execute(
+                "SELECT 1 FROM names WHERE name = ? AND sha256 = ?", (name, sha256)
+            ).fetchone()
+        )
+        need_source = (
+            source is not None
+            and not conn.execute(
+                "SELECT 1 FROM sources WHERE url = ? AND sha256 = ?", (source, sha256)
+            ).fetchone()
+        )
         if row is not None and now - row[0] < 1.0 and not need_name and not need_source:
             return
         with self._write(conn):
@@ -361,11 +365,12 @@ class Index:
         if obj is None:
             return None
         conn = self.conn
+        key = (sha256,)
         obj["names"] = [
-            r[0] for r in conn.execute("SELECT name FROM names WHERE sha256 = ? ORDER BY 1", (sha256,))
+            r[0] for r in conn.execute("SELECT name FROM names WHERE sha256 = ? ORDER BY 1", key)
         ]
         obj["sources"] = [
-            r[0] for r in conn.execute("SELECT url FROM sources WHERE sha256 = ? ORDER BY 1", (sha256,))
+            r[0] for r in conn.execute("SELECT url FROM sources WHERE sha256 = ? ORDER BY 1", key)
         ]
         obj["links"] = self.links_of(sha256)
         return obj

@@ -104,18 +104,26 @@ class Ingest:
         if size is not None and h.size != size:
             raise SizeMismatch(
                 f"size mismatch for {source}: expected {size} bytes, got {h.size}",
-                url=source, expected=size, actual=h.size,
+                url=source,
+                expected=size,
+                actual=h.size,
             )
         actual = h.sha256
         if sha256 is not None and actual != sha256:
             raise HashMismatch(
                 f"sha256 mismatch for {source}: expected {sha256}, got {actual}",
-                url=source, algorithm="sha256", expected=sha256, actual=actual,
+                url=source,
+                algorithm="sha256",
+                expected=sha256,
+                actual=actual,
             )
         if md5 is not None and h.md5 != md5:
             raise HashMismatch(
                 f"md5 mismatch for {source}: expected {md5}, got {h.md5}",
-                url=source, algorithm="md5", expected=md5, actual=h.md5,
+                url=source,
+                algorithm="md5",
+                expected=md5,
+                actual=h.md5,
             )
         fd, self._fd = self._fd, None
         try:
@@ -221,5 +229,7 @@ def _check_space(directory: Path, needed: int) -> None:
     if needed > free:
         raise CasError(
             f"not enough free space in {directory}: need {needed} bytes, {free} available",
-            path=str(directory), expected=needed, actual=free,
+            path=str(directory),
+            expected=needed,
+            actual=free,
         )

@@ -23,8 +23,14 @@ from .models import LinkMode
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _CANNOT_HARDLINK = {errno.EXDEV, errno.EMLINK, errno.EPERM, errno.EACCES, errno.ENOTSUP}
 _CANNOT_REFLINK = {
-    errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOTTY, errno.EPERM,
-    errno.EBADF, errno.ENOSYS,
+    errno.EXDEV,
+    errno.EOPNOTSUPP,
+    errno.ENOTSUP,
+    errno.EINVAL,
+    errno.ENOTTY,
+    errno.EPERM,
+    errno.EBADF,
+    errno.ENOSYS,
 }
 # (store device, destination device) -> first method that worked for auto.
 _probed: dict[tuple[int, int], str] = {}
@@ -43,9 +49,7 @@ def parse_mode(value: str | LinkMode) -> LinkMode:
         raise InvalidInput(f"unknown link mode {value!r}: choose one of {choices}") from None
 
 
-def materialize(
-    src: Path, dest: Path, mode: LinkMode, *, sha256: str, force: bool = False
-) -> str:
+def materialize(src: Path, dest: Path, mode: LinkMode, *, sha256: str, force: bool = False) -> str:
     """Make ``dest`` hold the object at ``src``; return the method used.
 
     An existing ``dest`` that is already this object is left alone; one with the

@@ -53,15 +53,15 @@ def resolve(ref: str, layout: Layout, index: Index) -> str:
         if len(found) > 1:
             raise AmbiguousRef(
                 f"ambiguous ref {ref!r}: matches {', '.join(found)}",
-                ref=ref, candidates=found,
+                ref=ref,
+                candidates=found,
             )
     sha = index.lookup_name(value)
     if sha is not None:
         return sha
     if kind == "name" and is_hex(value) and len(value) < MIN_PREFIX:
         raise InvalidInput(
-            f"ref {ref!r} is too short: a digest prefix needs at least {MIN_PREFIX} hex "
-            "characters",
+            f"ref {ref!r} is too short: a digest prefix needs at least {MIN_PREFIX} hex characters",
             ref=ref,
         )
     raise NotFound(f"no object matches ref {ref!r}", ref=ref)

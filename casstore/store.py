@@ -98,8 +98,9 @@ class Store:
             IntegrityFailure: every source served other bytes than promised.
             DownloadError: no source could be read.
         """
-        req = _request(url, sha256, name=name, mirrors=tuple(mirrors), dest=dest, md5=md5,
-                       size=size)
+        req = _request(
+            url, sha256, name=name, mirrors=tuple(mirrors), dest=dest, md5=md5, size=size
+        )
         artifact = self.ensure(req, link=link)
         return artifact.dest or artifact.path
 
@@ -117,8 +118,9 @@ class Store:
                 linked = self._link(sha, Path(req.dest), mode, force=False)
             except FileNotFoundError:
                 continue  # gc evicted the object between publish and use: fetch again
-            return Artifact(sha256=sha, size=size, path=path, dest=linked.dest,
-                            method=linked.method)
+            return Artifact(
+                sha256=sha, size=size, path=path, dest=linked.dest, method=linked.method
+            )
         raise CasError(f"object for {redact(req.url)} kept vanishing", url=redact(req.url))
 
     def _ensure(self, req: Request) -> str:
@@ -139,8 +141,12 @@ class Store:
                 return known
             published, final_url = self._download(req)
         self.index.record_object(
-            published.sha256, published.size, blake3=published.blake3, md5=published.md5,
-            name=req.name, source=source,
+            published.sha256,
+            published.size,
+            blake3=published.blake3,
+            md5=published.md5,
+            name=req.name,
+            source=source,
         )
         if final_url != req.url and redact(final_url) != source:
             self.index.record_use(published.sha256, published.size, source=redact(final_url))
@@ -193,11 +199,13 @@ class Store:
         if all(isinstance(e, IntegrityFailure) for e in failures):
             raise type(failures[-1])(
                 "every source served wrong bytes: " + "; ".join(map(str, failures)),
-                url=redact(req.url), errors=[str(e) for e in failures],
+                url=redact(req.url),
+                errors=[str(e) for e in failures],
             )
         raise DownloadError(
             "every source failed: " + "; ".join(map(str, failures)),
-            url=redact(req.url), errors=[str(e) for e in failures],
+            url=redact(req.url),
+            errors=[str(e) for e in failures],
         )
 
     @property
@@ -439,7 +447,8 @@ class Store:
         if live and not force:
             raise InvalidInput(
                 f"object {sha} has {len(live)} live link(s), e.g. {live[0]}; use --force",
-                ref=ref, path=live[0],
+                ref=ref,
+                path=live[0],
             )
         try:
             os.unlink(self.layout.object_path(sha))
@@ -493,5 +502,6 @@ def _coerce(item: Request | tuple[str, str] | str) -> Request:
         r = Request(item)
     else:
         r = Request(*item)
-    return _request(r.url, r.sha256, name=r.name, mirrors=tuple(r.mirrors), dest=r.dest,
-                    md5=r.md5, size=r.size)
+    return _request(
+        r.url, r.sha256, name=r.name, mirrors=tuple(r.mirrors), dest=r.dest, md5=r.md5, size=r.size
+    )
