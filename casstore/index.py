@@ -75,6 +75,26 @@ def _statements(sql: str) -> Iterator[str]:
         raise CasError("migration ends in an incomplete statement")
 
 
+def _retry_busy(fn, deadline: float = BUSY_TIMEOUT_MS / 1000):
+    """Call ``fn`` again while SQLite answers "locked"/"busy" without waiting.
+
+    The busy handler does not cover every case: switching a new database to
+    WAL, or reading while another connection recovers the WAL, returns
+    SQLITE_BUSY at once.
+    """
+    end = time.monotonic() + deadline
+    delay = 0.001
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if ("locked" not in text and "busy" not in text) or time.monotonic() > end:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
 class Index:
     """Per-store index; safe to share between threads (a connection each)."""
 
@@ -115,7 +135,7 @@ class Index:
     def _connect(self) -> sqlite3.Connection:
         self.layout.ensure()
         try:
-            return self._open()
+            return _retry_busy(self._open)
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError):
                 raise CasError(
@@ -125,7 +145,7 @@ class Index:
             # Objects are the truth; `verify --repair` re-indexes them.
             with self._open_lock:
                 self._set_aside()
-            return self._open()
+            return _retry_busy(self._open)
 
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(

@@ -20,7 +20,7 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from .errors import (
     BatchError,
@@ -38,9 +38,6 @@ from .models import Artifact, LinkMode, LinkResult, ObjectInfo, Published, Reque
 from .refs import parse_ref, resolve
 from .urls import check_url, redact
 
-if TYPE_CHECKING:
-    import httpx
-
 log = logging.getLogger("casstore")
 PathLike = str | os.PathLike[str]
 
@@ -54,7 +51,7 @@ class Store:
         self.layout = Layout(root if root is not None else default_root())
         self.root = self.layout.root
         self.index = Index(self.layout)
-        self._client: httpx.Client | None = None
+        self._client: Any = None  # httpx.Client, imported on first download
         self._client_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -209,7 +206,7 @@ class Store:
         )
 
     @property
-    def client(self) -> httpx.Client:
+    def client(self) -> Any:
         """The shared httpx client (created on first download)."""
         with self._client_lock:
             if self._client is None:

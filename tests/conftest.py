@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from casstore import Store
+
+from .consistency import assert_store_consistent
+from .origin import Origin
+
+_ENV_TO_CLEAR = (
+    "CASSTORE_DIR",
+    "CASSTORE_LOCK_TIMEOUT",
+    "CASSTORE_RETRIES",
+    "CASSTORE_BACKOFF_MAX",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "NETRC",
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch, tmp_path):
+    for name in _ENV_TO_CLEAR:
+        monkeypatch.delenv(name, raising=False)
+    # No ~/.netrc of the machine's may leak into requests.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def store_dir(tmp_path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(store_dir):
+    s = Store(store_dir)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def origin():
+    o = Origin()
+    yield o
+    o.close()
+
+
+def blob(size: int, seed: int = 0) -> bytes:
+    """Deterministic incompressible-ish bytes."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def run_cli(store_dir):
+    """Run ``python -m casstore`` against the test store; returns CompletedProcess."""
+
+    def run(
+        *args: str,
+        input: bytes | None = None,
+        env: dict | None = None,
+        timeout=60,
+        store: bool = True,
+    ):
+        full_env = {**os.environ, **(env or {})}
+        if store:
+            full_env["CASSTORE_DIR"] = str(store_dir)
+        return subprocess.run(
+            [sys.executable, "-m", "casstore", *args],
+            input=input,
+            capture_output=True,
+            env=full_env,
+            timeout=timeout,
+        )
+
+    return run
+
+
+__all__ = ["assert_store_consistent", "blob", "sha"]

@@ -1,0 +1,165 @@
+"""The command line, run as a real process against a real origin."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from .conftest import assert_store_consistent, blob, sha
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_get_prints_path_then_hits(run_cli, origin, store_dir):
+    data = blob(50_000)
+    url = origin.add("/tool.tar.gz", data)
+    first = run_cli("get", url, "--sha256", sha(data))
+    assert first.returncode == 0, first.stderr
+    path = first.stdout.decode().strip()
+    assert path == str(store_dir / "sha256" / sha(data)[:2] / sha(data)[2:4] / sha(data))
+    again = run_cli("get", url, "--sha256", sha(data))
+    assert again.stdout == first.stdout and origin.count("/tool.tar.gz") == 1
+    assert_store_consistent(store_dir)
+
+
+def test_get_output_dest_and_json(run_cli, origin, tmp_path, store_dir):
+    data = b"wheel bytes"
+    url = origin.add("/a-1.0-py3-none-any.whl", data)
+    dest = tmp_path / "wheels" / "a.whl"
+    r = run_cli("--json", "get", url, "--sha256", sha(data), "-o", str(dest), "--name", "a")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["sha256"] == sha(data) and doc["size"] == len(data)
+    assert doc["dest"] == str(dest) and doc["method"] == "hardlink"
+    assert os.stat(dest).st_ino == os.stat(doc["path"]).st_ino
+    info = json.loads(run_cli("--json", "info", "a").stdout)
+    assert info["links"][0]["path"] == str(dest) and info["sources"] == [url]
+
+
+def test_trust_on_first_use_prints_digest_on_stderr(run_cli, origin):
+    url = origin.add("/t", b"tofu")
+    r = run_cli("get", url)
+    assert r.returncode == 0
+    assert sha(b"tofu") in r.stderr.decode() and "first use" in r.stderr.decode()
+    assert r.stdout.decode().strip().endswith(sha(b"tofu"))
+
+
+def test_malformed_sha256_exits_2_before_any_request(run_cli, origin):
+    url = origin.add("/x", b"x")
+    r = run_cli("get", url, "--sha256", "not-a-digest")
+    assert r.returncode == 2
+    err = r.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "not-a-digest" in err
+    assert origin.requests() == []
+
+
+def test_hash_mismatch_exits_3_and_leaves_nothing(run_cli, origin, store_dir):
+    url = origin.add("/bad", b"wrong")
+    r = run_cli("get", url, "--sha256", sha(b"right"))
+    assert r.returncode == 3
+    assert "/bad" in r.stderr.decode() and len(r.stderr.decode().strip().splitlines()) == 1
+    assert [p for p in (store_dir / "sha256").rglob("*") if p.is_file()] == []
+    assert os.listdir(store_dir / "tmp") == []
+    assert_store_consistent(store_dir)
+
+
+def test_404_exits_4(run_cli, origin):
+    r = run_cli("get", origin.url("/nope"), "--sha256", "a" * 64)
+    assert r.returncode == 4 and "404" in r.stderr.decode()
+
+
+def test_unsupported_scheme_exits_2(run_cli):
+    r = run_cli("get", "ftp://127.0.0.1/x", "--sha256", "a" * 64)
+    assert r.returncode == 2 and "ftp" in r.stderr.decode()
+
+
+def test_password_never_appears_anywhere(run_cli, origin, store_dir):
+    data = b"secret package"
+    origin.add("/private/p.whl", data, auth=("alice", "hunter2-s3cret"))
+    url = origin.base.replace("http://", "http://alice:hunter2-s3cret@") + "/private/p.whl"
+    ok = run_cli("--json", "get", url, "--sha256", sha(data))
+    assert ok.returncode == 0, ok.stderr
+    bad = run_cli("get", url, "--sha256", sha(b"other"))
+    missing = run_cli("get", url.replace("/private/p.whl", "/private/none"), "--sha256", "b" * 64)
+    assert (bad.returncode, missing.returncode) == (3, 4)
+    info = run_cli("--json", "info", sha(data))
+    for r in (ok, bad, missing, info):
+        assert b"hunter2" not in r.stdout + r.stderr
+    for f in store_dir.glob("index.db*"):
+        assert b"hunter2" not in f.read_bytes()
+    assert "***@127.0.0.1" in json.loads(info.stdout)["sources"][0]
+
+
+def test_put_path_cat_ls_stats_dir(run_cli, tmp_path, store_dir):
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"weights")
+    r = run_cli("put", str(f), "--name", "model")
+    assert r.returncode == 0 and r.stdout.decode().strip() == sha(b"weights")
+    r = run_cli("put", "-", input=b"from stdin")
+    assert r.stdout.decode().strip() == sha(b"from stdin")
+    assert run_cli("cat", "model").stdout == b"weights"
+    assert run_cli("path", sha(b"weights")[:10]).stdout.decode().strip().endswith(sha(b"weights"))
+    ls = json.loads(run_cli("--json", "ls").stdout)
+    assert {o["sha256"] for o in ls} == {sha(b"weights"), sha(b"from stdin")}
+    assert all({"sha256", "size", "path"} <= o.keys() for o in ls)
+    assert "model" in run_cli("ls").stdout.decode()
+    stats = json.loads(run_cli("--json", "stats").stdout)
+    assert stats["objects"] == 2 and stats["bytes"] == len(b"weights") + len(b"from stdin")
+    assert run_cli("dir").stdout.decode().strip() == str(store_dir)
+    assert json.loads(run_cli("--json", "dir").stdout)["path"] == str(store_dir)
+    assert_store_consistent(store_dir)
+
+
+def test_put_missing_file_exits_2_and_writes_nothing(run_cli, tmp_path, store_dir):
+    good = tmp_path / "good"
+    good.write_bytes(b"good")
+    r = run_cli("put", str(good), str(tmp_path / "missing"))
+    assert r.returncode == 2 and "missing" in r.stderr.decode()
+    assert not (store_dir / "sha256").exists() or not list((store_dir / "sha256").rglob("*good*"))
+    assert run_cli("path", sha(b"good")).returncode == 5
+
+
+def test_refs_exit_codes(run_cli, store_dir):
+    run_cli("put", "-", input=b"x")
+    assert run_cli("path", "unknown-name").returncode == 5
+    assert run_cli("path", "abc").returncode == 2
+    assert run_cli("path", "sha256:zz").returncode == 2
+    assert run_cli("cat", "f" * 64).returncode == 5
+
+
+def test_link_pin_unpin_rm(run_cli, tmp_path):
+    d = run_cli("put", "-", "--name", "n", input=b"linkable").stdout.decode().strip()
+    dest = tmp_path / "d" / "file"
+    r = run_cli("--json", "link", "n", str(dest))
+    assert r.returncode == 0 and json.loads(r.stdout)["method"] == "hardlink"
+    assert dest.read_bytes() == b"linkable"
+    assert json.loads(run_cli("--json", "pin", "n").stdout)["pinned"] is True
+    assert json.loads(run_cli("--json", "info", d).stdout)["pinned"] is True
+    assert run_cli("unpin", d).returncode == 0
+    assert run_cli("rm", d).returncode == 2  # live link
+    assert run_cli("rm", "n").returncode == 0
+    assert run_cli("path", "n").returncode == 5
+    assert run_cli("rm", "--force", d).returncode == 0
+    assert run_cli("path", d).returncode == 5
+
+
+def test_store_option_and_version(run_cli, tmp_path):
+    other = tmp_path / "other"
+    r = run_cli("--store", str(other), "put", "-", input=b"elsewhere", store=False)
+    assert r.returncode == 0 and (other / "index.db").exists()
+    v = run_cli("--version")
+    assert v.returncode == 0 and "casstore" in v.stdout.decode()
+
+
+def test_bad_usage_exits_2(run_cli):
+    assert run_cli("get").returncode == 2
+    assert run_cli("no-such-command").returncode == 2
+    assert run_cli("get", "http://127.0.0.1/x", "--link", "teleport").returncode == 2
+
+
+def test_quiet_silences_messages(run_cli, origin):
+    url = origin.add("/q", b"quiet")
+    r = run_cli("-q", "get", url)
+    assert r.returncode == 0 and r.stderr == b""

@@ -1,0 +1,91 @@
+"""The SQLite index: migrations, concurrency of a new store, refusal of newer schemas."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import sqlite3
+
+import pytest
+
+from casstore import CasError, Store
+from casstore.index import Index, known_migrations, migrations_dir
+from casstore.layout import Layout
+
+# Released migrations are never edited: add a new numbered file instead.
+RELEASED = {
+    1: "aefda7bab53bf36f8bf3fe9769569ed6a47775afa2096ee3de27f0359e13319f",
+}
+
+
+def test_released_migrations_are_unchanged():
+    found = {m.id: hashlib.sha256(m.path.read_bytes()).hexdigest() for m in known_migrations()}
+    for number, digest in RELEASED.items():
+        assert found[number] == digest, f"migration {number:04d} was edited after release"
+    assert sorted(found) == list(range(1, len(found) + 1)), "migrations must be numbered 1..N"
+
+
+def test_migrations_found_in_checkout():
+    assert (migrations_dir() / "0001_initial.sql").is_file()
+
+
+def test_fresh_index_has_schema_and_wal(store_dir):
+    index = Index(Layout(store_dir))
+    conn = index.conn
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"objects", "sources", "names", "links", "casstore_migrations"} <= tables
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+    applied = conn.execute("SELECT id FROM casstore_migrations").fetchall()
+    assert [r[0] for r in applied] == [m.id for m in known_migrations()]
+
+
+def _open_and_count(root, barrier):
+    barrier.wait()
+    index = Index(Layout(root))
+    return index.conn.execute("SELECT count(*) FROM casstore_migrations").fetchone()[0]
+
+
+@pytest.mark.timeout(60)
+def test_processes_opening_a_new_store_apply_each_migration_once(tmp_path):
+    for attempt in range(5):
+        root = tmp_path / f"s{attempt}"
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Manager() as manager:
+            barrier = manager.Barrier(6)
+            with ctx.Pool(6) as pool:
+                counts = pool.starmap(_open_and_count, [(root, barrier)] * 6)
+        assert counts == [len(known_migrations())] * 6
+
+
+def test_newer_schema_is_refused_clearly(store_dir):
+    assert Index(Layout(store_dir)).conn  # creates the store at the current schema
+    conn = sqlite3.connect(store_dir / "index.db")
+    conn.execute("INSERT INTO casstore_migrations VALUES (999, 'from_the_future', 0)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(CasError, match="newer than this casstore knows"):
+        _ = Index(Layout(store_dir)).conn
+
+
+def test_garbage_index_is_set_aside_and_objects_still_served(store_dir):
+    store = Store(store_dir)
+    digest = store.put(b"precious")
+    store.close()
+    (store_dir / "index.db").write_bytes(b"this is not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        (store_dir / f"index.db{suffix}").unlink(missing_ok=True)
+    store = Store(store_dir)
+    assert store.path(digest).read_bytes() == b"precious"
+    assert store.put(b"more") and store.info(digest).size == 8
+    assert list(store_dir.glob("index.db.broken-*"))
+
+
+def test_record_use_is_coarsened_to_one_second(store_dir):
+    store = Store(store_dir)
+    digest = store.put(b"x")
+    index = store.index
+    before = index.conn.total_changes
+    for _ in range(50):
+        index.record_use(digest, 1)
+    assert index.conn.total_changes - before <= 1
