@@ -20,29 +20,27 @@ they pickle across worker processes (conda-package-handling#349 lost them).
 
 from __future__ import annotations
 
-from typing import Any
-
 
 class CasError(Exception):
     """Root of every error casstore raises."""
 
     exit_code = 1
 
-    def __init__(self, message: str, **fields: Any) -> None:
+    def __init__(self, message: str, **fields: object) -> None:
         super().__init__(message)
         self.message = message
         self._fields = fields
         for key, value in fields.items():
             setattr(self, key, value)
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild, (type(self), self.message, self._fields))
 
     def __str__(self) -> str:
         return self.message
 
 
-def _rebuild(cls: type[CasError], message: str, fields: dict[str, Any]) -> CasError:
+def _rebuild(cls: type[CasError], message: str, fields: dict[str, object]) -> CasError:
     return cls(message, **fields)
 
 
@@ -97,7 +95,7 @@ class BatchError(CasError):
     Its exit code is the highest among the failed items.
     """
 
-    def __init__(self, message: str, **fields: Any) -> None:
+    def __init__(self, message: str, **fields: object) -> None:
         super().__init__(message, **fields)
         errors = [r for r in fields.get("results", ()) if isinstance(r, CasError)]
         self.errors = errors

@@ -7,7 +7,6 @@ blake3 is imported on first write, never on a cache hit.
 
 from __future__ import annotations
 
-import hashlib
 import string
 
 from .errors import InvalidInput
@@ -50,6 +49,8 @@ class Hasher:
     __slots__ = ("_b3", "_md5", "_sha", "size")
 
     def __init__(self, *, md5: bool = False) -> None:
+        import hashlib
+
         from blake3 import blake3
 
         self._sha = hashlib.sha256()
@@ -87,5 +88,7 @@ def blake3_file(path, *, threads: int = 1) -> str:
 
 
 def sha256_file(path) -> str:
+    import hashlib
+
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

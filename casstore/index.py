@@ -22,9 +22,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import CasError
 from .layout import Layout
@@ -33,11 +31,11 @@ BUSY_TIMEOUT_MS = 120_000
 _MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
-@dataclass(frozen=True)
 class Migration:
-    id: int
-    name: str
-    path: Path
+    """``migrations/NNNN_name.sql``: applied in order of ``id``."""
+
+    def __init__(self, id: int, name: str, path: Path) -> None:
+        self.id, self.name, self.path = id, name, path
 
     @property
     def sql(self) -> str:
@@ -226,7 +224,7 @@ class Index:
 
     # -- objects -----------------------------------------------------------
 
-    def get_object(self, sha256: str) -> dict[str, Any] | None:
+    def get_object(self, sha256: str) -> dict[str, object] | None:
         row = self.conn.execute("SELECT * FROM objects WHERE sha256 = ?", (sha256,)).fetchone()
         return dict(row) if row else None
 
@@ -366,7 +364,7 @@ class Index:
                 (path, device, inode, sha256, method, time.time()),
             )
 
-    def links_of(self, sha256: str) -> list[dict[str, Any]]:
+    def links_of(self, sha256: str) -> list[dict[str, object]]:
         rows = self.conn.execute(
             "SELECT path, device, inode, method FROM links WHERE sha256 = ? ORDER BY path",
             (sha256,),
@@ -379,7 +377,7 @@ class Index:
 
     # -- listings ----------------------------------------------------------
 
-    def describe(self, sha256: str) -> dict[str, Any] | None:
+    def describe(self, sha256: str) -> dict[str, object] | None:
         """An object's row with its names, sources and links."""
         obj = self.get_object(sha256)
         if obj is None:
@@ -395,7 +393,7 @@ class Index:
         obj["links"] = self.links_of(sha256)
         return obj
 
-    def list_objects(self, *, order: str = "sha256") -> list[dict[str, Any]]:
+    def list_objects(self, *, order: str = "sha256") -> list[dict[str, object]]:
         column = {"sha256": "sha256", "size": "size DESC", "used": "last_used DESC"}[order]
         names: dict[str, list[str]] = {}
         for row in self.db.query("SELECT sha256, name FROM names ORDER BY name"):

@@ -31,6 +31,7 @@ from .errors import (
     NotFound,
 )
 from .hashing import parse_md5, parse_sha256
+from .hit import BAD, HIT, lookup
 from .index import Index
 from .layout import Layout, default_root
 from .link import materialize, parse_mode
@@ -157,21 +158,14 @@ class Store:
         An object whose size disagrees with its index row is quarantined and
         treated as a miss, never served.
         """
-        path = self.layout.object_path(sha256)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return False
-        row = self.index.get_object(sha256)
-        if row is not None and row["size"] != st.st_size:
+        status, _ = lookup(self.layout, self.index, sha256, name=name, source=source)
+        if status == BAD:
             from .ingest import quarantine
 
             log.warning("object %s has the wrong size; quarantined and fetching again", sha256)
-            quarantine(self.layout, path)
+            quarantine(self.layout, self.layout.object_path(sha256))
             self.index.forget_object(sha256)
-            return False
-        self.index.record_use(sha256, st.st_size, name=name, source=source)
-        return True
+        return status == HIT
 
     def _download(self, req: Request) -> tuple[Published, str]:
         """Try each source in order; the first whose bytes verify is published."""

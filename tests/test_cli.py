@@ -163,3 +163,24 @@ def test_quiet_silences_messages(run_cli, origin):
     url = origin.add("/q", b"quiet")
     r = run_cli("-q", "get", url)
     assert r.returncode == 0 and r.stderr == b""
+
+
+def test_fast_hit_path_matches_full_command_line(run_cli, origin, store_dir, tmp_path):
+    data = b"fast"
+    url = origin.add("/fast", data)
+    full = run_cli("--json", "get", url, "--sha256", sha(data))  # miss: full CLI
+    expected = json.loads(full.stdout)["path"]
+    for args in (
+        ("get", url, "--sha256", sha(data)),
+        ("get", "--sha256", sha(data), url),
+        ("-q", "get", url, f"--sha256={sha(data)}"),
+        ("--store", str(store_dir), "get", url, "--sha256", sha(data).upper()),
+    ):
+        r = run_cli(*args)
+        assert r.returncode == 0 and r.stdout.decode().strip() == expected, args
+    assert origin.count("/fast") == 1
+    # Not hits: the full command line answers, with its errors and exit codes.
+    assert run_cli("get", url, "--sha256", "bad").returncode == 2
+    assert run_cli("get", "ftp://x/y", "--sha256", sha(data)).returncode == 2
+    other = run_cli("--store", str(tmp_path / "empty"), "get", url, "--sha256", sha(data))
+    assert other.returncode == 0 and origin.count("/fast") == 2

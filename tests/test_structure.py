@@ -57,7 +57,11 @@ def test_lower_layers_do_not_import_store():
 
 
 @pytest.mark.timeout(60)
-def test_cli_cache_hit_imports_no_heavy_module(tmp_path, origin):
+@pytest.mark.parametrize(
+    ("entry", "also_absent"),
+    [("casstore.__main__", ("click", "casstore.store")), ("casstore.cli", ())],
+)
+def test_cli_cache_hit_imports_no_heavy_module(tmp_path, origin, entry, also_absent):
     data = b"hit me"
     url = origin.add("/hit", data)
     env = {**os.environ, "CASSTORE_DIR": str(tmp_path / "s")}
@@ -68,11 +72,12 @@ def test_cli_cache_hit_imports_no_heavy_module(tmp_path, origin):
         timeout=30,
     )
     assert prime.returncode == 0, prime.stderr
+    watched = HEAVY + also_absent
     probe = (
         "import sys, atexit\n"
-        f"atexit.register(lambda: print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules),"
-        " file=sys.stderr))\n"
-        "from casstore.cli import main\n"
+        f"atexit.register(lambda: print('LOADED', sorted(m for m in {watched!r}"
+        " if m in sys.modules), file=sys.stderr))\n"
+        f"from {entry} import main\n"
         "main()\n"
     )
     hit = subprocess.run(

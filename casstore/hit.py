@@ -1,0 +1,93 @@
+"""The cache-hit check, and the command line's fast path for ``get`` hits.
+
+``lookup`` is the one place that decides whether an object is a hit: present
+on disk and, if indexed, of the recorded size (anything else is a miss that
+the caller heals, never served).  ``Store`` uses it for every hit.
+
+``serve`` answers ``casstore [--store DIR] [-q] get URL --sha256 HEX`` when
+the object is already present, with the standard library alone: no click,
+httpx, blake3 or sqlite-utils is imported, so a hit costs a process start, a
+stat and one indexed read (~20 ms instead of ~80).  Anything it does not
+recognise, or any miss, returns None and the full command line runs instead
+and does the work (and reports errors) itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .errors import CasError
+from .hashing import parse_sha256
+from .index import Index
+from .layout import Layout, default_root
+from .urls import check_url, redact
+
+HIT, MISSING, BAD = "hit", "missing", "bad"
+
+
+def lookup(
+    layout: Layout,
+    index: Index,
+    sha256: str,
+    *,
+    name: str | None = None,
+    source: str | None = None,
+) -> tuple[str, int]:
+    """(HIT | MISSING | BAD, size on disk); a HIT is recorded as a use."""
+    try:
+        size = layout.object_path(sha256).stat().st_size
+    except FileNotFoundError:
+        return MISSING, 0
+    row = index.get_object(sha256)
+    if row is not None and row["size"] != size:
+        return BAD, size
+    index.record_use(sha256, size, name=name, source=source)
+    return HIT, size
+
+
+def serve(argv: list[str]) -> int | None:
+    """Serve a ``get`` hit from ``argv``; None when the full command line must run."""
+    args = _parse(argv)
+    if args is None:
+        return None
+    store, url, sha256 = args
+    try:
+        check_url(url)
+        sha256 = parse_sha256(sha256)
+        layout = Layout(store if store is not None else default_root())
+        if not layout.index.exists():
+            return None
+        index = Index(layout)
+        status, _ = lookup(layout, index, sha256, source=redact(url))
+    except CasError:
+        return None
+    if status != HIT:
+        return None
+    sys.stdout.write(f"{layout.object_path(sha256)}\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _parse(argv: list[str]) -> tuple[str | None, str, str] | None:
+    """(store, url, sha256) for exactly the plain hit form, else None."""
+    store = os.environ.get("CASSTORE_DIR") or None
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        arg = argv[i]
+        if arg == "--store" and i + 1 < len(argv):
+            store, i = argv[i + 1], i + 2
+        elif arg.startswith("--store="):
+            store, i = arg.split("=", 1)[1], i + 1
+        elif arg in ("-q", "--quiet"):
+            i += 1
+        else:
+            return None
+    rest = argv[i:]
+    if len(rest) == 4 and rest[0] == "get" and rest[2] == "--sha256":
+        return store, rest[1], rest[3]
+    if len(rest) == 4 and rest[0] == "get" and rest[1] == "--sha256":
+        return store, rest[3], rest[2]
+    if len(rest) == 3 and rest[0] == "get" and rest[2].startswith("--sha256="):
+        return store, rest[1], rest[2].split("=", 1)[1]
+    return None
