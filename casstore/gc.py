@@ -33,11 +33,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .index import Index
-from .ingest import HOST, parse_temp_name
+from .ingest import HOST, parse_temp_name, temp_name
 from .layout import Layout
 from .link import is_live
 
 DEFAULT_TEMP_GRACE = 86400.0  # a temp untouched for a day is abandoned, whoever wrote it
+# An object without an index row may be one whose writer has published it and
+# is about to commit its row (SPEC §1.5: object first, index second).
+UNINDEXED_GRACE = 60.0
+# Last use is coarsened to one second (SPEC §8: a hit within a second of the
+# recorded use writes nothing), so an object whose recorded use is under two
+# seconds old may have been hit a moment ago by a get about to link it: it is
+# not evicted.  (`get` then `link` as two commands relies on this.)
+IN_USE_WINDOW = 2.0
 
 
 @dataclass
@@ -90,15 +98,18 @@ def collect(
     max_size: int | None = None,
     dry_run: bool = False,
     temp_grace: float = DEFAULT_TEMP_GRACE,
+    in_use_window: float = IN_USE_WINDOW,
 ) -> GcReport:
     """Run gc over one store; see the module docstring for what is removed.
 
     ``older_than`` (seconds) evicts unrooted objects not used since then;
     ``max_size`` (bytes) evicts unrooted objects, least recently used first,
     until the objects fit.  Objects without an index row count as used at
-    their mtime.  Safe beside any number of readers and writers.
+    their mtime.  Objects used in the last ``in_use_window`` seconds are
+    treated as in use.  Safe beside any number of readers and writers.
     """
     start = time.time()
+    started = _inode_clock_tick()
     report = GcReport(dry_run=dry_run)
     if not layout.root.is_dir():
         return report
@@ -134,7 +145,11 @@ def collect(
         if sha in roots:
             continue
         row = rows.get(sha)
+        if row is None and start - st.st_ctime < UNINDEXED_GRACE:
+            continue  # its row may be on its way
         used = row["last_used"] if row is not None else st.st_mtime
+        if used > start - in_use_window:
+            continue
         candidates.append(_Candidate(sha, path, st.st_size, used))
     candidates.sort(key=lambda c: (c.last_used, c.sha256))  # least recently used first
 
@@ -157,12 +172,10 @@ def collect(
 
     gone: list[str] = []
     for c in victims:
-        if not _still_evictable(c, layout, index, started=start):
+        if not _still_evictable(c, layout, index, started=started, in_use=in_use_window):
             continue
         if not dry_run:
-            try:
-                os.unlink(c.path)
-            except FileNotFoundError:
+            if not _evict(c.path, layout):
                 continue
             gone.append(c.sha256)
         report.objects_evicted += 1
@@ -176,20 +189,72 @@ def collect(
     return report
 
 
-def _still_evictable(c: _Candidate, layout: Layout, index: Index, *, started: float) -> bool:
+def _still_evictable(
+    c: _Candidate, layout: Layout, index: Index, *, started: float, in_use: float
+) -> bool:
     """Re-check one object right before deleting it (others kept working meanwhile)."""
     try:
         st = c.path.stat()
     except FileNotFoundError:
         return False
-    # A new hardlink (nlink) or a fresh publish after gc began (ctime) means in use.
-    if st.st_nlink > 1 or st.st_ctime > started:
+    # A new hardlink (nlink) or a publish or link since gc began (ctime) means in use.
+    if st.st_nlink > 1 or st.st_ctime >= started:
         return False
     row = index.get_object(c.sha256)
-    # Pinned, or used since the plan was made (a row that appeared counts too).
-    if row is not None and (row["pinned"] or row["last_used"] > c.last_used):
+    # Pinned, or used since the plan was made (a row that appeared counts too),
+    # or maybe in use now (the last second is all a hit may leave unrecorded).
+    if row is not None and (
+        row["pinned"] or row["last_used"] > c.last_used or row["last_used"] > time.time() - in_use
+    ):
         return False
     return not any(is_live(lk, c.path) for lk in index.links_of(c.sha256))
+
+
+def _evict(path: Path, layout: Layout) -> bool:
+    """Delete one object, unless someone hardlinked it at the last moment.
+
+    The object is renamed aside into ``tmp/`` first (under a writer's temp
+    name, so a killed gc's leftover is swept like any dead writer's): from then
+    on no new hardlink can be made to it, and one made before shows in its
+    link count, in which case it is put back.
+    """
+    aside = layout.tmp / temp_name()
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        if os.lstat(aside).st_nlink == 1:
+            os.unlink(aside)
+            return True
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass  # published again meanwhile: the same content
+        return False
+    finally:
+        try:
+            os.unlink(aside)
+        except FileNotFoundError:
+            pass
+
+
+def _inode_clock_tick() -> float:
+    """The start of a fresh tick of the clock the kernel stamps ctime with.
+
+    File times come from a coarse clock (a jiffy, ~4 ms, behind time.time()),
+    so "changed since gc began" is only exact on that clock: wait for it to
+    tick once, then anything stamped at or after the new tick happened after
+    this call began, and anything before it is older.
+    """
+    coarse = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # 5 on Linux; absent from Python 3.11
+    try:
+        first = time.clock_gettime(coarse)
+    except OSError:  # not Linux: the fine clock, less a generous jiffy
+        return time.time() - 0.05
+    while (now := time.clock_gettime(coarse)) == first:
+        time.sleep(0.0005)
+    return now
 
 
 # -- temps and locks -----------------------------------------------------------

@@ -198,7 +198,9 @@ def _copy(src: Path, temp: Path) -> None:
 
 
 def is_live(link: dict, object_path: Path) -> bool:
-    """A recorded link still stands: same device and inode, or a symlink to the object."""
+    """A recorded link still stands: the path has the recorded device and inode
+    (and, as inode numbers are reused, the object's size; a hardlink the
+    object's very inode), or is a symlink to the object."""
     path = link["path"]
     try:
         st = os.lstat(path)
@@ -211,4 +213,12 @@ def is_live(link: dict, object_path: Path) -> bool:
             return Path(os.readlink(path)) == object_path
         except OSError:
             return False
-    return (st.st_dev, st.st_ino) == (link["device"], link["inode"])
+    if (st.st_dev, st.st_ino) != (link["device"], link["inode"]) or not stat.S_ISREG(st.st_mode):
+        return False
+    try:
+        obj = object_path.stat()
+    except FileNotFoundError:
+        return True  # nothing to compare with; the recorded inode is still there
+    if link["method"] == "hardlink":
+        return (obj.st_dev, obj.st_ino) == (st.st_dev, st.st_ino)
+    return obj.st_size == st.st_size

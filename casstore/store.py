@@ -368,17 +368,20 @@ class Store:
             LinkError (CasError): strict mode impossible, or ``dest`` has other content.
         """
         mode = parse_mode(link)
-        sha = self.resolve(ref)
-        self._hit(sha)
-        sources = self.index.sources_of(sha)  # gc's eviction drops them with the row
+        sha = resolve(ref, self.layout, self.index)
+        # Read before use: gc's eviction drops the sources with the object's row.
+        sources = self.index.sources_of(sha)
         for attempt in range(3):
             try:
+                if not self._hit(sha):
+                    raise FileNotFoundError(sha)
                 return self._link(sha, Path(dest), mode, force=force)
             except FileNotFoundError:
                 if not sources or attempt == 2:
                     break
-                log.info("object %s vanished while linking; fetching it again", sha)
+                log.info("object %s is gone (evicted?); fetching it again", sha)
                 self.ensure(Request(sources[0], sha256=sha, mirrors=tuple(sources[1:])))
+        self.resolve(ref)  # heals a row left pointing at nothing, raises NotFound
         raise NotFound(f"object {sha} vanished while linking to {dest}", ref=ref, path=str(dest))
 
     def _link(self, sha: str, dest: Path, mode: LinkMode, *, force: bool) -> LinkResult:

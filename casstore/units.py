@@ -66,4 +66,3 @@ def parse_age(text: str | float) -> float:
             value=str(text),
         )
     return float(m.group(1)) * _AGE_UNITS[unit]
-
