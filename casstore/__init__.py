@@ -25,7 +25,17 @@ from .errors import (
     NotFound,
     SizeMismatch,
 )
-from .models import Artifact, LinkMode, LinkResult, ObjectInfo, Published, Request, Stats
+from .models import (
+    Artifact,
+    GcReport,
+    LinkMode,
+    LinkResult,
+    ObjectInfo,
+    Published,
+    Request,
+    Stats,
+    VerifyReport,
+)
 from .store import Store
 
 __all__ = [
@@ -35,6 +45,7 @@ __all__ = [
     "CasError",
     "CorruptObject",
     "DownloadError",
+    "GcReport",
     "HashMismatch",
     "IntegrityFailure",
     "InvalidInput",
@@ -48,5 +59,6 @@ __all__ = [
     "SizeMismatch",
     "Stats",
     "Store",
+    "VerifyReport",
     "__version__",
 ]

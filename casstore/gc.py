@@ -29,13 +29,14 @@ import fcntl
 import os
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .index import Index
 from .ingest import HOST, parse_temp_name, temp_name
 from .layout import Layout
 from .link import is_live
+from .models import GcReport
 
 DEFAULT_TEMP_GRACE = 86400.0  # a temp untouched for a day is abandoned, whoever wrote it
 # An object without an index row may be one whose writer has published it and
@@ -46,40 +47,6 @@ UNINDEXED_GRACE = 60.0
 # seconds old may have been hit a moment ago by a get about to link it: it is
 # not evicted.  (`get` then `link` as two commands relies on this.)
 IN_USE_WINDOW = 2.0
-
-
-@dataclass
-class GcReport:
-    """What one gc run freed (or, with ``dry_run``, would free)."""
-
-    dry_run: bool = False
-    objects_evicted: int = 0
-    bytes_freed: int = 0
-    temps_removed: int = 0
-    temp_bytes: int = 0
-    locks_removed: int = 0
-    rows_dropped: int = 0  # object rows whose object was not on disk
-    links_dropped: int = 0  # link rows no longer live
-    roots: int = 0
-    objects_kept: int = 0
-    bytes_kept: int = 0
-    evicted: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return {
-            "dry_run": self.dry_run,
-            "objects_evicted": self.objects_evicted,
-            "bytes_freed": self.bytes_freed,
-            "temps_removed": self.temps_removed,
-            "temp_bytes": self.temp_bytes,
-            "locks_removed": self.locks_removed,
-            "rows_dropped": self.rows_dropped,
-            "links_dropped": self.links_dropped,
-            "roots": self.roots,
-            "objects_kept": self.objects_kept,
-            "bytes_kept": self.bytes_kept,
-            "evicted": list(self.evicted),
-        }
 
 
 @dataclass

@@ -21,7 +21,7 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from .errors import (
     BatchError,
@@ -35,13 +35,19 @@ from .hashing import parse_md5, parse_sha256
 from .index import Index
 from .layout import Layout, default_root
 from .link import first_copy_warning, is_live, materialize, parse_mode
-from .models import Artifact, LinkMode, LinkResult, ObjectInfo, Published, Request, Stats
+from .models import (
+    Artifact,
+    GcReport,
+    LinkMode,
+    LinkResult,
+    ObjectInfo,
+    Published,
+    Request,
+    Stats,
+    VerifyReport,
+)
 from .refs import parse_ref, resolve
 from .urls import check_url, redact
-
-if TYPE_CHECKING:
-    from .gc import GcReport
-    from .verify import VerifyReport
 
 log = logging.getLogger("casstore")
 PathLike = str | os.PathLike[str]

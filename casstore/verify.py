@@ -23,7 +23,7 @@ import os
 import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .hashing import blake3_file, sha256_file
@@ -31,67 +31,11 @@ from .index import Index
 from .ingest import quarantine
 from .layout import OBJECT_MODE, Layout
 from .link import is_live
+from .models import VerifyReport
 
 # Objects at least this big are hashed by blake3's own threads (mmap); smaller
 # ones go one per pool worker, where thread start-up would cost more than it saves.
 _BIG = 8 << 20
-
-
-@dataclass
-class VerifyReport:
-    """What one verify run found and, with ``repair``, fixed."""
-
-    fast: bool = False
-    repair: bool = False
-    objects: int = 0
-    bytes: int = 0
-    rehashed: int = 0  # fast mode: objects without a recorded blake3, checked by sha256
-    corrupt: list[str] = field(default_factory=list)
-    quarantined: list[dict] = field(default_factory=list)  # sha256, quarantine path
-    exposed: list[dict] = field(default_factory=list)  # destinations holding a bad inode
-    bad_modes: list[str] = field(default_factory=list)
-    orphans: list[str] = field(default_factory=list)
-    dangling: list[str] = field(default_factory=list)
-    reindexed: int = 0
-    broken_index: list[str] = field(default_factory=list)
-
-    @property
-    def unrepaired(self) -> list[str]:
-        """Corrupt objects still in the store (exit 3 while any remain)."""
-        done = {q["sha256"] for q in self.quarantined}
-        return [s for s in self.corrupt if s not in done]
-
-    @property
-    def lost_metadata(self) -> str | None:
-        """What a re-index could not bring back, or None."""
-        if not self.reindexed:
-            return None
-        text = (
-            f"{self.reindexed} object(s) re-indexed from disk; their names, sources, "
-            "links and pins lived only in the index and are lost"
-        )
-        if self.broken_index:
-            text += f" (the unreadable index was kept as {', '.join(self.broken_index)})"
-        return text
-
-    def as_dict(self) -> dict:
-        return {
-            "fast": self.fast,
-            "repair": self.repair,
-            "objects": self.objects,
-            "bytes": self.bytes,
-            "rehashed": self.rehashed,
-            "corrupt": list(self.corrupt),
-            "unrepaired": self.unrepaired,
-            "quarantined": list(self.quarantined),
-            "exposed": list(self.exposed),
-            "bad_modes": list(self.bad_modes),
-            "orphans": list(self.orphans),
-            "dangling": list(self.dangling),
-            "reindexed": self.reindexed,
-            "broken_index": list(self.broken_index),
-            "lost_metadata": self.lost_metadata,
-        }
 
 
 @dataclass
