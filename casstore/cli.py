@@ -328,6 +328,32 @@ def rm(ctx: _Context, ref: str, force: bool) -> None:
     _emit(ctx, {"ref": ref, "removed": what}, f"removed {what} {ref}")
 
 
+class _Progress:
+    """A one-line byte counter on a terminal's stderr, redrawn at most 5 times a second."""
+
+    def __init__(self, label: str) -> None:
+        import threading
+        import time
+
+        self.label, self.bytes, self.items = label, 0, 0
+        self._lock, self._clock, self._shown = threading.Lock(), time.monotonic, 0.0
+
+    def __call__(self, n: int) -> None:
+        with self._lock:  # fast verify reports from several threads
+            self.bytes += n
+            self.items += 1
+            now = self._clock()
+            if now - self._shown >= 0.2:
+                self._shown = now
+                sys.stderr.write(f"\r{self.label}: {self.items} objects, {_size_text(self.bytes)}")
+                sys.stderr.flush()
+
+    def done(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
 @cli.command()
 @click.option("--max-size", help="Evict least recently used objects until the store fits (10GB).")
 @click.option("--older-than", help="Evict objects unused for this long (30d, 12h, seconds).")
@@ -370,8 +396,14 @@ def verify(ctx: _Context, fast: bool, repair: bool) -> None:
     """
     from .errors import CorruptObject
 
-    report = ctx.store.verify(fast=fast, repair=repair)
     log = logging.getLogger("casstore")
+    show = sys.stderr.isatty() and not ctx.json and log.isEnabledFor(logging.WARNING)
+    progress = _Progress("verify") if show else None
+    try:
+        report = ctx.store.verify(fast=fast, repair=repair, progress=progress)
+    finally:
+        if progress is not None:
+            progress.done()
     fixed = " (repaired)" if repair else ""
     lines = [f"checked {report.objects} objects ({_size_text(report.bytes)})"]
     for sha in report.corrupt:
