@@ -190,20 +190,16 @@ def _evict(path: Path, layout: Layout) -> bool:
         os.rename(path, aside)
     except FileNotFoundError:
         return False
+    if os.lstat(aside).st_nlink == 1:
+        os.unlink(aside)
+        return True
     try:
-        if os.lstat(aside).st_nlink == 1:
-            os.unlink(aside)
-            return True
-        try:
-            os.link(aside, path)
-        except FileExistsError:
-            pass  # published again meanwhile: the same content
-        return False
+        os.link(aside, path)
+    except FileExistsError:
+        pass  # published again meanwhile: the same content
     finally:
-        try:
-            os.unlink(aside)
-        except FileNotFoundError:
-            pass
+        os.unlink(aside)
+    return False
 
 
 def _inode_clock_tick() -> float:
