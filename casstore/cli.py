@@ -225,7 +225,10 @@ def info(ctx: _Context, ref: str) -> None:
         lines.append(f"md5      {obj.md5}")
     lines += [f"name     {n}" for n in obj.names]
     lines += [f"source   {s}" for s in obj.sources]
-    lines += [f"link     {lk['path']} ({lk['method']})" for lk in obj.links]
+    lines += [
+        f"link     {lk['path']} ({lk['method']}{'' if lk.get('live', True) else ', gone'})"
+        for lk in obj.links
+    ]
     if obj.last_used:
         import time
 

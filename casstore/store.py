@@ -415,6 +415,8 @@ class Store:
         if row is None:  # on disk, not indexed (lost index): index it now
             self._hit(sha)
             row = self.index.describe(sha) or {}
+        obj = self.layout.object_path(sha)
+        row["links"] = [{**lk, "live": is_live(lk, obj)} for lk in row.get("links", ())]
         return self._object_info(sha, row)
 
     def ls(self, pattern: str | None = None, *, order: str = "sha256") -> list[ObjectInfo]:

@@ -50,12 +50,15 @@ def test_ls_info_stats_from_the_command_line(run_cli, store_dir, tmp_path):
     assert (info["sha256"], info["size"], info["names"]) == (d, 3000, ["f.whl"])
     [link] = info["links"]
     assert link["path"] == str(tmp_path / "out" / "f.whl") and link["method"] == "hardlink"
+    assert link["live"] is True
     assert "used     " in run_cli("info", d).stdout.decode()
 
     stats = json.loads(run_cli("--json", "stats").stdout)
     assert (stats["objects"], stats["bytes"], stats["saved_bytes"]) == (2, 3001, 3000)
     assert (stats["names"], stats["links"], stats["temp_files"]) == (1, 1, 0)
     assert "saved       3000" in run_cli("stats").stdout.decode()
+    (tmp_path / "out" / "f.whl").unlink()
+    assert f"{tmp_path / 'out' / 'f.whl'} (hardlink, gone)" in run_cli("info", d).stdout.decode()
     assert_store_consistent(store_dir)
 
 
