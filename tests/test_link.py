@@ -3,6 +3,7 @@ destinations, the recorded links; rm, pin and unpin."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -269,3 +270,30 @@ def test_objects_stay_read_only(store, tmp_path):
     d = store.put(b"ro")
     store.link(d, tmp_path / "h")
     assert stat.S_IMODE((tmp_path / "h").stat().st_mode) == 0o444
+
+
+def test_too_many_links_falls_back_for_that_object_only(store, store_dir, tmp_path):
+    """EMLINK is about one inode: auto copies that object, and still hardlinks others."""
+    full = store.put(b"linked to the limit")
+    other = store.put(b"an ordinary object")
+    obj = store.layout.object_path(full)
+    many = tmp_path / "many"
+    many.mkdir()
+    made = 0
+    try:
+        while made < 70_000:
+            os.link(obj, many / str(made))
+            made += 1
+    except OSError as exc:
+        if exc.errno != errno.EMLINK:
+            raise
+    if made == 70_000:
+        pytest.skip("this filesystem has no small per-inode link limit")
+    assert store.link(full, tmp_path / "a", link="auto").method == "copy"
+    with pytest.raises(CasError, match="cannot hardlink"):
+        store.link(full, tmp_path / "b", link="hardlink")
+    assert store.link(other, tmp_path / "c", link="auto").method == "hardlink"
+    assert (tmp_path / "a").read_bytes() == b"linked to the limit"
+    for i in range(made):
+        os.unlink(many / str(i))
+    assert_store_consistent(store_dir)
