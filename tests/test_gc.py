@@ -355,3 +355,17 @@ def test_gc_beside_get_and_link_never_fails_them(store_dir, tmp_path, origin):
     store.gc()  # heal rows a lost race may leave pointing at an evicted object
     store.close()
     assert_store_consistent(store_dir)
+
+
+def test_eviction_puts_back_an_object_linked_at_the_last_moment(store, store_dir, tmp_path):
+    from casstore.gc import _evict
+
+    kept = store.put(b"linked just before the rename")
+    os.link(store.layout.object_path(kept), tmp_path / "late")
+    assert _evict(store.layout.object_path(kept), store.layout) is False
+    assert store.layout.object_path(kept).stat().st_ino == (tmp_path / "late").stat().st_ino
+    gone = store.put(b"nobody links this")
+    assert _evict(store.layout.object_path(gone), store.layout) is True
+    assert not store.layout.object_path(gone).exists() and not os.listdir(store.layout.tmp)
+    store.gc()  # drops the evicted object's row
+    assert_store_consistent(store_dir)
