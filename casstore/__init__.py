@@ -12,32 +12,24 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+_ERRORS = (
+    "AmbiguousRef", "BatchError", "CasError", "CorruptObject", "DownloadError", "HashMismatch",
+    "IntegrityFailure", "InvalidInput", "LockTimeout", "NotFound", "SizeMismatch",
+)  # fmt: skip
+_MODELS = (
+    "Artifact", "GcReport", "LinkMode", "LinkResult", "ObjectInfo", "Published", "Request",
+    "Stats", "VerifyReport",
+)  # fmt: skip
 # Loaded on first use (PEP 562), so that `import casstore.hit` for a
 # command-line cache hit does not pay for the whole API.
-_LAZY = {
-    **dict.fromkeys(
-        [
-            "AmbiguousRef",
-            "BatchError",
-            "CasError",
-            "CorruptObject",
-            "DownloadError",
-            "HashMismatch",
-            "IntegrityFailure",
-            "InvalidInput",
-            "LockTimeout",
-            "NotFound",
-            "SizeMismatch",
-        ],
-        "errors",
-    ),
-    **dict.fromkeys(
-        ["Artifact", "LinkMode", "LinkResult", "ObjectInfo", "Published", "Request", "Stats"],
-        "models",
-    ),
-    "Store": "store",
-}
+_LAZY = {**dict.fromkeys(_ERRORS, "errors"), **dict.fromkeys(_MODELS, "models"), "Store": "store"}
 
+__all__ = [
+    "AmbiguousRef", "Artifact", "BatchError", "CasError", "CorruptObject", "DownloadError",
+    "GcReport", "HashMismatch", "IntegrityFailure", "InvalidInput", "LinkMode", "LinkResult",
+    "LockTimeout", "NotFound", "ObjectInfo", "Published", "Request", "SizeMismatch", "Stats",
+    "Store", "VerifyReport", "__version__",
+]  # fmt: skip
 
 TYPE_CHECKING = False  # typing is not imported on the hit path
 if TYPE_CHECKING:
@@ -53,8 +45,18 @@ if TYPE_CHECKING:
         LockTimeout,
         NotFound,
         SizeMismatch,
-    )
-    from .models import Artifact, LinkMode, LinkResult, ObjectInfo, Published, Request, Stats
+    )  # fmt: skip
+    from .models import (
+        Artifact,
+        GcReport,
+        LinkMode,
+        LinkResult,
+        ObjectInfo,
+        Published,
+        Request,
+        Stats,
+        VerifyReport,
+    )  # fmt: skip
     from .store import Store
 
 
@@ -70,28 +72,4 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
-
-
-__all__ = [
-    "AmbiguousRef",
-    "Artifact",
-    "BatchError",
-    "CasError",
-    "CorruptObject",
-    "DownloadError",
-    "HashMismatch",
-    "IntegrityFailure",
-    "InvalidInput",
-    "LinkMode",
-    "LinkResult",
-    "LockTimeout",
-    "NotFound",
-    "ObjectInfo",
-    "Published",
-    "Request",
-    "SizeMismatch",
-    "Stats",
-    "Store",
-    "__version__",
-]
+    return __all__

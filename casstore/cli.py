@@ -225,29 +225,49 @@ def info(ctx: _Context, ref: str) -> None:
         lines.append(f"md5      {obj.md5}")
     lines += [f"name     {n}" for n in obj.names]
     lines += [f"source   {s}" for s in obj.sources]
-    lines += [f"link     {lk['path']} ({lk['method']})" for lk in obj.links]
+    lines += [
+        f"link     {lk['path']} ({lk['method']}{'' if lk.get('live', True) else ', gone'})"
+        for lk in obj.links
+    ]
+    if obj.last_used:
+        import time
+
+        lines.append(
+            f"used     {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(obj.last_used))}"
+        )
     _emit(ctx, obj.as_dict(), "\n".join(lines))
 
 
 @cli.command("ls")
+@click.argument("pattern", required=False)
 @click.option(
     "--sort",
     "order",
     type=click.Choice(["sha256", "size", "used"]),
     default="sha256",
     show_default=True,
+    help="size: largest first; used: most recently used first.",
 )
 @pass_ctx
-def ls_(ctx: _Context, order: str) -> None:
-    """List objects: sha256, size, names.
+def ls_(ctx: _Context, pattern: str | None, order: str) -> None:
+    """List objects: sha256, size, last use, names; PATTERN is a glob on names or sha256.
 
-    Example: casstore ls --sort size
+    Example: casstore ls '*.conda' --sort used
     """
-    objs = ctx.store.ls(order=order)
+    import time
+
+    objs = ctx.store.ls(pattern, order=order)
+
+    def when(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
     _emit(
         ctx,
         [o.as_dict() for o in objs],
-        "\n".join(f"{o.sha256}  {o.size:>12}  {' '.join(o.names)}".rstrip() for o in objs),
+        "\n".join(
+            f"{o.sha256}  {o.size:>12}  {when(o.last_used)}  {' '.join(o.names)}".rstrip()
+            for o in objs
+        ),
     )
 
 
@@ -309,6 +329,104 @@ def rm(ctx: _Context, ref: str, force: bool) -> None:
     """
     what = ctx.store.rm(ref, force=force)
     _emit(ctx, {"ref": ref, "removed": what}, f"removed {what} {ref}")
+
+
+class _Progress:
+    """A one-line byte counter on a terminal's stderr, redrawn at most 5 times a second."""
+
+    def __init__(self, label: str) -> None:
+        import threading
+        import time
+
+        self.label, self.bytes, self.items = label, 0, 0
+        self._lock, self._clock, self._shown = threading.Lock(), time.monotonic, 0.0
+
+    def __call__(self, n: int) -> None:
+        with self._lock:  # fast verify reports from several threads
+            self.bytes += n
+            self.items += 1
+            now = self._clock()
+            if now - self._shown >= 0.2:
+                self._shown = now
+                sys.stderr.write(f"\r{self.label}: {self.items} objects, {_size_text(self.bytes)}")
+                sys.stderr.flush()
+
+    def done(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+@cli.command()
+@click.option("--max-size", help="Evict least recently used objects until the store fits (10GB).")
+@click.option("--older-than", help="Evict objects unused for this long (30d, 12h, seconds).")
+@click.option("--dry-run", is_flag=True, help="Report what would go; change nothing.")
+@pass_ctx
+def gc(ctx: _Context, max_size: str | None, older_than: str | None, dry_run: bool) -> None:
+    """Reclaim space: dead temps, stale locks and rows always; objects on request.
+
+    Pinned objects, objects with live links and hardlinked objects are never
+    evicted.
+
+    Example: casstore gc --max-size 10GB --older-than 30d
+    """
+    report = ctx.store.gc(max_size=max_size, older_than=older_than, dry_run=dry_run)
+    verb = "would evict" if dry_run else "evicted"
+    removed = "would remove" if dry_run else "removed"
+    text = "\n".join(
+        [
+            f"{verb} {report.objects_evicted} objects ({_size_text(report.bytes_freed)})",
+            f"{removed} {report.temps_removed} temp files ({_size_text(report.temp_bytes)}), "
+            f"{report.locks_removed} stale locks, {report.rows_dropped} rows of missing "
+            f"objects, {report.links_dropped} dead link rows",
+            f"kept {report.objects_kept} objects ({_size_text(report.bytes_kept)}), "
+            f"{report.roots} of them rooted",
+        ]
+    )
+    _emit(ctx, report.as_dict(), text)
+
+
+@cli.command()
+@click.option("--fast", is_flag=True, help="Compare blake3 and size (parallel) instead of sha256.")
+@click.option("--repair", is_flag=True, help="Quarantine corrupt objects, fix the rest.")
+@pass_ctx
+def verify(ctx: _Context, fast: bool, repair: bool) -> None:
+    """Re-hash every object; report corruption, wrong modes, orphans, dangling rows.
+
+    Exits 3 while corrupt objects remain in the store.
+
+    Example: casstore verify --fast --repair
+    """
+    from .errors import CorruptObject
+
+    log = logging.getLogger("casstore")
+    show = sys.stderr.isatty() and not ctx.json and log.isEnabledFor(logging.WARNING)
+    progress = _Progress("verify") if show else None
+    try:
+        report = ctx.store.verify(fast=fast, repair=repair, progress=progress)
+    finally:
+        if progress is not None:
+            progress.done()
+    fixed = " (repaired)" if repair else ""
+    lines = [f"checked {report.objects} objects ({_size_text(report.bytes)})"]
+    for sha in report.corrupt:
+        lines.append(f"corrupt   {sha}")
+    lines += [f"moved     {q['sha256']} -> {q['path']}" for q in report.quarantined]
+    lines += [f"exposed   {e['path']} still holds corrupt {e['sha256']}" for e in report.exposed]
+    lines += [f"mode      {s}{fixed}" for s in report.bad_modes]
+    lines += [f"orphan    {s}{' (indexed)' if repair else ''}" for s in report.orphans]
+    lines += [f"dangling  {s}{' (dropped)' if repair else ''}" for s in report.dangling]
+    _emit(ctx, report.as_dict(), "\n".join(lines))
+    if report.lost_metadata:
+        log.warning("%s", report.lost_metadata)
+    bad = report.unrepaired
+    if bad:
+        raise CorruptObject(
+            f"{len(bad)} corrupt object(s) in {ctx.store.root}, e.g. "
+            f"{ctx.store.layout.object_path(bad[0])}; run `casstore verify --repair`",
+            path=str(ctx.store.layout.object_path(bad[0])),
+            expected=bad[0],
+        )
 
 
 @cli.command("dir")

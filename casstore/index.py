@@ -354,15 +354,28 @@ class Index:
 
     # -- links -------------------------------------------------------------
 
-    def record_link(self, path: str, device: int, inode: int, sha256: str, method: str) -> None:
+    def record_link(self, path: str, device: int, inode: int, sha256: str, method: str) -> bool:
+        """Record a materialized destination; False when the object has no row.
+
+        The row may have gone between the caller's use and this insert (gc
+        evicted the object): that is reported, not raised as a foreign key error.
+        """
         with self._write() as conn:
-            conn.execute(
+            cur = conn.execute(
                 "INSERT INTO links (path, device, inode, sha256, method, recorded) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET "
+                "SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM objects WHERE sha256 = ?) "
+                "ON CONFLICT (path) DO UPDATE SET "
                 "device = excluded.device, inode = excluded.inode, sha256 = excluded.sha256, "
                 "method = excluded.method, recorded = excluded.recorded",
-                (path, device, inode, sha256, method, time.time()),
+                (path, device, inode, sha256, method, time.time(), sha256),
             )
+        return cur.rowcount > 0
+
+    def sources_of(self, sha256: str) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT url FROM sources WHERE sha256 = ? ORDER BY recorded DESC", (sha256,)
+        )
+        return [r[0] for r in rows]
 
     def links_of(self, sha256: str) -> list[dict[str, object]]:
         rows = self.conn.execute(
@@ -416,3 +429,66 @@ class Index:
             "names": conn.execute("SELECT count(*) FROM names").fetchone()[0],
             "links": conn.execute("SELECT count(*) FROM links").fetchone()[0],
         }
+
+    # -- maintenance (gc, verify) ------------------------------------------
+
+    def object_rows(self) -> dict[str, dict[str, object]]:
+        """Every object row by sha256 (size, blake3, last_used, pinned), in one read."""
+        rows = self.conn.execute("SELECT sha256, size, blake3, last_used, pinned FROM objects")
+        return {
+            r[0]: {"size": r[1], "blake3": r[2], "last_used": r[3], "pinned": r[4]} for r in rows
+        }
+
+    def all_links(self) -> list[dict[str, object]]:
+        rows = self.conn.execute("SELECT path, device, inode, sha256, method FROM links")
+        return [dict(r) for r in rows]
+
+    def forget_objects(self, sha256s: list[str]) -> int:
+        """Drop many object rows (and by cascade their names, sources, links) at once."""
+        return self._delete_many("DELETE FROM objects WHERE sha256 = ?", sha256s)
+
+    def forget_links(self, paths: list[str]) -> int:
+        return self._delete_many("DELETE FROM links WHERE path = ?", paths)
+
+    def _delete_many(self, sql: str, keys: list[str]) -> int:
+        done = 0
+        for start in range(0, len(keys), 500):  # short transactions: writers keep going
+            with self._write() as conn:
+                for key in keys[start : start + 500]:
+                    done += conn.execute(sql, (key,)).rowcount
+        return done
+
+    def index_objects(self, rows: list[tuple[str, int, str | None, float]]) -> int:
+        """Add rows for objects found on disk: (sha256, size, blake3, time of last use).
+
+        An object that gained a row meanwhile keeps it.
+        """
+        added = 0
+        for start in range(0, len(rows), 500):
+            with self._write() as conn:
+                for sha256, size, blake3, when in rows[start : start + 500]:
+                    added += conn.execute(
+                        "INSERT INTO objects (sha256, size, blake3, created, last_used) "
+                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+                        (sha256, size, blake3, when, when),
+                    ).rowcount
+        return added
+
+    def set_blake3(self, sha256: str, blake3: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE objects SET blake3 = ? WHERE sha256 = ? AND blake3 IS NULL",
+                (blake3, sha256),
+            )
+
+    def metadata_counts(self) -> dict[str, int]:
+        """How many names, sources and links the index holds (to say what a loss cost)."""
+        conn = self.conn
+        return {
+            t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            for t in ("names", "sources", "links")
+        }
+
+    def broken_copies(self) -> list[Path]:
+        """Index files set aside as unreadable (``index.db.broken-<time>``)."""
+        return sorted(self.path.parent.glob(self.path.name + ".broken-*[0-9]"))

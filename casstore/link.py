@@ -13,6 +13,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import stat
 import threading
 from pathlib import Path
 
@@ -21,7 +22,13 @@ from .hashing import sha256_file
 from .models import LinkMode
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+# link() errors after which auto falls back (SPEC §3): another filesystem
+# (EXDEV), too many links to this inode (EMLINK), refused (EPERM: no hardlinks
+# on this filesystem, or protected_hardlinks for another user's object).
 _CANNOT_HARDLINK = {errno.EXDEV, errno.EMLINK, errno.EPERM, errno.EACCES, errno.ENOTSUP}
+# Of those, the ones that hold for every object of the device pair: remembered,
+# so auto stops trying.  EMLINK and EPERM can be about one inode: never remembered.
+_DEVICE_WIDE = {errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 _CANNOT_REFLINK = {
     errno.EXDEV,
     errno.EOPNOTSUPP,
@@ -32,9 +39,11 @@ _CANNOT_REFLINK = {
     errno.EBADF,
     errno.ENOSYS,
 }
-# (store device, destination device) -> first method that worked for auto.
-_probed: dict[tuple[int, int], str] = {}
+# (store device, destination device) -> methods that cannot work there.
+_impossible: dict[tuple[int, int], set[str]] = {}
 _probed_lock = threading.Lock()
+# Destination devices auto has warned about copying to (one warning each).
+_warned: set[int] = set()
 
 
 class LinkError(CasError):
@@ -67,7 +76,7 @@ def materialize(src: Path, dest: Path, mode: LinkMode, *, sha256: str, force: bo
     dest.parent.mkdir(parents=True, exist_ok=True)
     temp = dest.parent / f".{dest.name}.{secrets.token_hex(8)}.casstore-tmp"
     try:
-        method = _make(src, temp, dest.parent, mode)
+        method = _make(src, temp, dest, mode)
         os.replace(temp, dest)
     finally:
         # rename() between two links to one inode does nothing and leaves temp.
@@ -86,22 +95,25 @@ def _existing(src: Path, dest: Path, mode: LinkMode, *, sha256: str, force: bool
     if os.path.isdir(dest) and not os.path.islink(dest):
         raise LinkError(f"destination {dest} is a directory", path=str(dest))
     src_st = src.stat()
+    points_here = os.path.islink(dest) and Path(os.readlink(dest)) == src
     if mode == LinkMode.SYMLINK:
-        if os.path.islink(dest) and Path(os.readlink(dest)) == src:
+        if points_here:
             return "symlink"
     elif (st.st_dev, st.st_ino) == (src_st.st_dev, src_st.st_ino):
         return "hardlink"
-    if force:
-        return None
+    if force or points_here:
+        return None  # replaced below; a symlink to the object has its content
     if os.path.islink(dest) or st.st_size != src_st.st_size or sha256_file(dest) != sha256:
         raise LinkError(
             f"destination {dest} exists with other content (use --force to replace it)",
             path=str(dest),
         )
+    if mode == LinkMode.COPY:
+        return "copy"  # already a copy of the object: nothing to do
     return None  # same content: replace it by a link
 
 
-def _make(src: Path, temp: Path, dest_dir: Path, mode: LinkMode) -> str:
+def _make(src: Path, temp: Path, dest: Path, mode: LinkMode) -> str:
     if mode == LinkMode.SYMLINK:
         os.symlink(src, temp)
         return "symlink"
@@ -112,44 +124,57 @@ def _make(src: Path, temp: Path, dest_dir: Path, mode: LinkMode) -> str:
             if exc.errno == errno.ENOENT:
                 raise
             raise LinkError(
-                f"cannot hardlink {temp.parent} to the store: {exc.strerror}", path=str(temp.parent)
+                f"cannot hardlink {dest} to {src}: {exc.strerror} "
+                "(--link auto falls back to a reflink or a copy)",
+                path=str(dest),
             ) from exc
         return "hardlink"
     if mode == LinkMode.REFLINK:
         if not _reflink(src, temp):
             raise LinkError(
-                f"cannot reflink into {dest_dir}: the filesystem does not support it",
-                path=str(dest_dir),
+                f"cannot reflink {dest} to {src}: the filesystem does not support it",
+                path=str(dest),
             )
         return "reflink"
     if mode == LinkMode.COPY:
         _copy(src, temp)
         return "copy"
-    return _auto(src, temp, dest_dir)
+    return _auto(src, temp, dest.parent)
 
 
 def _auto(src: Path, temp: Path, dest_dir: Path) -> str:
     key = (src.stat().st_dev, dest_dir.stat().st_dev)
-    known = _probed.get(key)
-    if known in (None, "hardlink"):
+    ruled_out = _impossible.get(key, ())
+    if "hardlink" not in ruled_out:
         try:
             os.link(src, temp)
-            _remember(key, "hardlink")
             return "hardlink"
         except OSError as exc:
             if exc.errno not in _CANNOT_HARDLINK:
                 raise
-    if known in (None, "hardlink", "reflink") and _reflink(src, temp):
-        _remember(key, "reflink")
-        return "reflink"
+            if exc.errno in _DEVICE_WIDE:
+                _rule_out(key, "hardlink")
+    if "reflink" not in ruled_out:
+        if _reflink(src, temp):
+            return "reflink"
+        _rule_out(key, "reflink")
     _copy(src, temp)
-    _remember(key, "copy")
     return "copy"
 
 
-def _remember(key: tuple[int, int], method: str) -> None:
+def _rule_out(key: tuple[int, int], method: str) -> None:
     with _probed_lock:
-        _probed[key] = method
+        _impossible.setdefault(key, set()).add(method)
+
+
+def first_copy_warning(dest_dir: Path) -> bool:
+    """True the first time (per process) auto had to copy onto ``dest_dir``'s device."""
+    dev = os.stat(dest_dir).st_dev
+    with _probed_lock:
+        if dev in _warned:
+            return False
+        _warned.add(dev)
+        return True
 
 
 def _reflink(src: Path, temp: Path) -> bool:
@@ -170,3 +195,30 @@ def _reflink(src: Path, temp: Path) -> bool:
 def _copy(src: Path, temp: Path) -> None:
     shutil.copyfile(src, temp)
     os.chmod(temp, 0o644)
+
+
+def is_live(link: dict, object_path: Path) -> bool:
+    """A recorded link still stands: the path has the recorded device and inode
+    (and, as inode numbers are reused, the object's size; a hardlink the
+    object's very inode), or is a symlink to the object."""
+    path = link["path"]
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if link["method"] == "symlink":
+        if not stat.S_ISLNK(st.st_mode):
+            return False
+        try:
+            return Path(os.readlink(path)) == object_path
+        except OSError:
+            return False
+    if (st.st_dev, st.st_ino) != (link["device"], link["inode"]) or not stat.S_ISREG(st.st_mode):
+        return False
+    try:
+        obj = object_path.stat()
+    except FileNotFoundError:
+        return True  # nothing to compare with; the recorded inode is still there
+    if link["method"] == "hardlink":
+        return (obj.st_dev, obj.st_ino) == (st.st_dev, st.st_ino)
+    return obj.st_size == st.st_size

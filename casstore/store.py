@@ -5,7 +5,8 @@ thread, httpx's client is thread-safe) and to open from many processes at
 once: every write goes through a unique temp and an idempotent publish, and
 locks only spare bandwidth.  Its methods mirror the command line one to one:
 
-    get, get_many, aget, put, path, open, link, info, ls, stats, pin, unpin, rm
+    get, get_many, aget, put, path, open, link, info, ls, stats, pin, unpin, rm,
+    gc, verify
 
 A cache hit by digest is a stat and one indexed read; it imports neither
 httpx, blake3 nor sqlite-utils.
@@ -34,8 +35,18 @@ from .hashing import parse_md5, parse_sha256
 from .hit import BAD, HIT, lookup
 from .index import Index
 from .layout import Layout, default_root
-from .link import materialize, parse_mode
-from .models import Artifact, LinkMode, LinkResult, ObjectInfo, Published, Request, Stats
+from .link import first_copy_warning, is_live, materialize, parse_mode
+from .models import (
+    Artifact,
+    GcReport,
+    LinkMode,
+    LinkResult,
+    ObjectInfo,
+    Published,
+    Request,
+    Stats,
+    VerifyReport,
+)
 from .refs import parse_ref, resolve
 from .urls import check_url, redact
 
@@ -346,23 +357,48 @@ class Store:
         link: str | LinkMode = LinkMode.AUTO,
         force: bool = False,
     ) -> LinkResult:
-        """Materialize the object at ``dest`` and record the link."""
+        """Materialize the object at ``dest`` and record the link.
+
+        If gc evicts the object between lookup and link, it is fetched again
+        from a recorded source (when it has one).
+
+        Raises:
+            InvalidInput: malformed ref or link mode.
+            NotFound: no such object, or it vanished and has no source to refetch.
+            LinkError (CasError): strict mode impossible, or ``dest`` has other content.
+        """
         mode = parse_mode(link)
-        sha = self.resolve(ref)
-        self._hit(sha)
-        try:
-            return self._link(sha, Path(dest), mode, force=force)
-        except FileNotFoundError:
-            raise NotFound(f"object {sha} vanished while linking", ref=ref) from None
+        sha = resolve(ref, self.layout, self.index)
+        # Read before use: gc's eviction drops the sources with the object's row.
+        sources = self.index.sources_of(sha)
+        for attempt in range(3):
+            try:
+                if not self._hit(sha):
+                    raise FileNotFoundError(sha)
+                return self._link(sha, Path(dest), mode, force=force)
+            except FileNotFoundError:
+                if not sources or attempt == 2:
+                    break
+                log.info("object %s is gone (evicted?); fetching it again", sha)
+                self.ensure(Request(sources[0], sha256=sha, mirrors=tuple(sources[1:])))
+        self.resolve(ref)  # heals a row left pointing at nothing, raises NotFound
+        raise NotFound(f"object {sha} vanished while linking to {dest}", ref=ref, path=str(dest))
 
     def _link(self, sha: str, dest: Path, mode: LinkMode, *, force: bool) -> LinkResult:
+        """Raises FileNotFoundError when the object is gone (evicted meanwhile)."""
         obj = self.layout.object_path(sha)
         method = materialize(obj, dest, mode, sha256=sha, force=force)
-        if method == "copy" and mode == LinkMode.AUTO:
-            log.warning("hardlinks impossible from the store to %s; copied instead", dest.parent)
         dest = Path(os.path.abspath(dest))
+        if method == "copy" and mode == LinkMode.AUTO and first_copy_warning(dest.parent):
+            log.warning("hardlinks impossible from the store to %s; copied instead", dest.parent)
         st = dest.lstat()
-        self.index.record_link(str(dest), st.st_dev, st.st_ino, sha, method)
+        if not self.index.record_link(str(dest), st.st_dev, st.st_ino, sha, method):
+            # The row went (gc, or a lost index): index the object if it is still here.
+            size = obj.stat().st_size  # FileNotFoundError: evicted, the caller refetches
+            self.index.record_use(sha, size)
+            self.index.record_link(str(dest), st.st_dev, st.st_ino, sha, method)
+        if method == "symlink":
+            obj.stat()  # a symlink to an object evicted meanwhile would dangle
         return LinkResult(sha256=sha, dest=dest, method=method)
 
     # -- listing -------------------------------------------------------------
@@ -373,10 +409,30 @@ class Store:
         if row is None:  # on disk, not indexed (lost index): index it now
             self._hit(sha)
             row = self.index.describe(sha) or {}
+        obj = self.layout.object_path(sha)
+        row["links"] = [{**lk, "live": is_live(lk, obj)} for lk in row.get("links", ())]
         return self._object_info(sha, row)
 
-    def ls(self, *, order: str = "sha256") -> list[ObjectInfo]:
-        return [self._object_info(r["sha256"], r) for r in self.index.list_objects(order=order)]
+    def ls(self, pattern: str | None = None, *, order: str = "sha256") -> list[ObjectInfo]:
+        """Indexed objects, optionally those with a name (or sha256) matching the glob
+        ``pattern``; ``order`` is "sha256", "size" (largest first) or "used" (latest first).
+
+        Raises:
+            InvalidInput: unknown ``order``.
+        """
+        if order not in ("sha256", "size", "used"):
+            raise InvalidInput(f"unknown sort order {order!r}: choose sha256, size or used")
+        rows = self.index.list_objects(order=order)
+        if pattern is not None:
+            from fnmatch import fnmatchcase
+
+            rows = [
+                r
+                for r in rows
+                if fnmatchcase(r["sha256"], pattern)
+                or any(fnmatchcase(n, pattern) for n in r["names"])
+            ]
+        return [self._object_info(r["sha256"], r) for r in rows]
 
     def _object_info(self, sha: str, row: dict) -> ObjectInfo:
         return ObjectInfo(
@@ -394,19 +450,69 @@ class Store:
         )
 
     def stats(self) -> Stats:
+        """Totals; objects and bytes are counted on disk (the truth), the rest in the index."""
         totals = self.index.totals()
-        saved = 0
+        count = size = saved = 0
         for _sha, path in self.layout.iter_objects():
             try:
                 st = path.stat()
             except FileNotFoundError:
                 continue
+            count += 1
+            size += st.st_size
             saved += (st.st_nlink - 1) * st.st_size
+        totals.update(objects=count, bytes=size)
         try:
             temps = len(os.listdir(self.layout.tmp))
         except FileNotFoundError:
             temps = 0
         return Stats(saved_bytes=saved, temp_files=temps, path=self.root, **totals)
+
+    # -- maintenance ---------------------------------------------------------
+
+    def gc(
+        self,
+        *,
+        max_size: int | str | None = None,
+        older_than: float | str | None = None,
+        dry_run: bool = False,
+        temp_grace: float | str | None = None,
+    ) -> GcReport:
+        """Reclaim space (SPEC §6); sizes like "10GB", ages like "30d" or seconds.
+
+        Never evicts pinned or linked objects, nor any with more than one link;
+        safe beside running gets, links and fetches.
+
+        Raises:
+            InvalidInput: a bad size or age (before any work).
+        """
+        from .gc import DEFAULT_TEMP_GRACE, collect
+        from .units import parse_age, parse_size
+
+        size = None if max_size is None else parse_size(max_size)
+        age = None if older_than is None else parse_age(older_than)
+        grace = DEFAULT_TEMP_GRACE if temp_grace is None else parse_age(temp_grace)
+        return collect(
+            self.layout,
+            self.index,
+            max_size=size,
+            older_than=age,
+            dry_run=dry_run,
+            temp_grace=grace,
+        )
+
+    def verify(
+        self, *, fast: bool = False, repair: bool = False, progress: Any = None
+    ) -> VerifyReport:
+        """Re-hash every object (SPEC §7); ``fast`` compares blake3 and size instead.
+
+        Returns a report; ``report.unrepaired`` lists corrupt objects still in
+        the store.  ``repair`` quarantines corrupt objects, restores modes,
+        indexes orphans (rebuilding a lost index) and drops dangling rows.
+        """
+        from .verify import run
+
+        return run(self.layout, self.index, fast=fast, repair=repair, progress=progress)
 
     # -- pins and removal ----------------------------------------------------
 
@@ -434,7 +540,8 @@ class Store:
             self.index.remove_name(value)
             return "name"
         sha = self.resolve(ref)
-        live = [lk["path"] for lk in self.index.links_of(sha) if _is_live(lk, self.layout, sha)]
+        obj = self.layout.object_path(sha)
+        live = [lk["path"] for lk in self.index.links_of(sha) if is_live(lk, obj)]
         if live and not force:
             raise InvalidInput(
                 f"object {sha} has {len(live)} live link(s), e.g. {live[0]}; use --force",
@@ -447,17 +554,6 @@ class Store:
             pass
         self.index.forget_object(sha)
         return "object"
-
-
-def _is_live(link: dict, layout: Layout, sha: str) -> bool:
-    path = link["path"]
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if link["method"] == "symlink":
-        return os.path.islink(path) and Path(os.readlink(path)) == layout.object_path(sha)
-    return (st.st_dev, st.st_ino) == (link["device"], link["inode"])
 
 
 def _request(

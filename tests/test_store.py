@@ -228,6 +228,7 @@ def test_public_surface_is_pinned():
             "CasError",
             "CorruptObject",
             "DownloadError",
+            "GcReport",
             "HashMismatch",
             "IntegrityFailure",
             "InvalidInput",
@@ -241,6 +242,7 @@ def test_public_surface_is_pinned():
             "SizeMismatch",
             "Stats",
             "Store",
+            "VerifyReport",
             "__version__",
         ]
     )
