@@ -270,8 +270,10 @@ def parse_explicit(text: str, *, label: str = "<explicit>") -> list[CondaPackage
 def _load_yaml(text: str, label: str) -> Any:
     import yaml
 
+    # libyaml's loader parses a large pixi.lock ~10x faster than the pure-Python one.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{label}:{mark.line + 1}" if mark is not None else label
