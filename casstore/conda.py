@@ -220,7 +220,9 @@ def read_lock(
         reason = getattr(exc, "strerror", None) or str(exc)
         raise InvalidInput(f"cannot read lock file {label}: {reason}", path=label) from exc
     if _is_explicit(text):
-        return CondaLock(label, "explicit", tuple(parse_explicit(text, label=label)))
+        header = re.search(r"^#\s*platform:\s*(\S+)", text, re.M)  # as conda writes it
+        packages = tuple(parse_explicit(text, label=label))
+        return CondaLock(label, "explicit", packages, header.group(1) if header else None)
     data = _load_yaml(text, label)
     plat = platform or current_platform()
     if isinstance(data, dict) and "package" in data and "environments" not in data:

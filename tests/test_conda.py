@@ -89,6 +89,8 @@ def test_each_format_fetches_every_package_and_a_rerun_is_free(
     for pkg in packages:
         assert_linked(store, pkgs_dir, pkg)
         assert origin.count(pkg.path) == 1
+        info = store.info(pkg.sha256)
+        assert pkg.file_name in info.names and pkg.url in info.sources
     requests = len(origin.requests())
 
     again = fetch(store, lock, pkgs_dir, concurrency=4)
@@ -350,6 +352,7 @@ def test_the_pkgs_dir_is_one_conda_recognises(packages, run_cli, store_dir, tmp_
             "conda", "fetch", str(lock), "--pkgs-dir", str(pkgs_dir), "--platform", "linux-64"
         )
         assert out.returncode == 0, out.stderr
+        assert out.stderr == b""  # no progress bar in a pipe, no noise
     lines = urls_txt(pkgs_dir)
     assert sorted(lines) == sorted(p.url for p in packages)
     assert len(lines) == len(set(lines))
