@@ -207,7 +207,8 @@ def read_lock(
     """Read and check a lock file whole; its format is recognised from its content.
 
     ``platform`` defaults to the current one and ``environment`` (pixi) to
-    ``default``; an explicit file names no platform and is taken as it is.
+    ``default``; an explicit file is for one platform and is taken as it is
+    (the platform its ``# platform:`` header names, if any, is reported).
 
     Raises:
         InvalidInput: unreadable file, unknown format, malformed YAML, an entry
