@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import CasError, exit_code_of
+from .errors import BatchError, CasError, exit_code_of
 from .models import LinkMode
 from .store import Store
 
@@ -437,6 +437,104 @@ def dir_(ctx: _Context) -> None:
     Example: cd "$(casstore dir)"
     """
     _emit(ctx, {"path": str(ctx.store.root)}, str(ctx.store.root))
+
+
+@cli.group()
+def conda() -> None:
+    """Conda front-end: lock files into a conda package cache.
+
+    Example: casstore conda fetch conda-lock.yml --pkgs-dir ~/miniforge3/pkgs
+    """
+
+
+@conda.command("fetch")
+@click.argument("lock", type=click.Path(dir_okay=False))
+@click.option(
+    "--pkgs-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Conda package cache to link the archives into (created if needed).",
+)
+@click.option("-j", "--jobs", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--platform", help="Conda subdir to fetch, e.g. linux-64 (default: this machine).")
+@click.option("--env", "environment", help="pixi.lock environment (default: default).")
+@pass_ctx
+def conda_fetch(
+    ctx: _Context,
+    lock: str,
+    pkgs_dir: str,
+    jobs: int,
+    platform: str | None,
+    environment: str | None,
+) -> None:
+    """Fetch every package of LOCK once into the store and hardlink it into --pkgs-dir.
+
+    LOCK is an @EXPLICIT file, a conda-lock.yml (v1) or a pixi.lock (v5-v7).
+    Each archive's URL is recorded once in PKGS_DIR/urls.txt, as conda does.
+
+    Example: casstore conda fetch pixi.lock --pkgs-dir ./pkgs -j 8 --platform linux-64
+    """
+    from . import conda as conda_
+
+    with _Progress(ctx, "conda packages") as progress:
+        report = conda_.fetch(
+            ctx.store,
+            lock,
+            pkgs_dir,
+            platform=platform,
+            environment=environment,
+            concurrency=jobs,
+            on_done=lambda _result, done, total: progress.update(done, total),
+        )
+    log = logging.getLogger("casstore")
+    for failed in report.failed:
+        log.error("%s: %s", failed.package.file_name, failed.error)
+    _emit(ctx, report.as_dict(), "\n".join(str(r.dest) for r in report.results if r.ok))
+    log.info(
+        "%d of %d packages in %s (%s)",
+        len(report.results) - len(report.failed),
+        len(report.results),
+        report.pkgs_dir,
+        _size_text(report.bytes),
+    )
+    if report.failed:
+        raise BatchError(
+            f"{len(report.failed)} of {len(report.results)} packages failed",
+            results=[r.error or r.dest for r in report.results],
+        )
+
+
+class _Progress:
+    """One overall bar on stderr, only on a terminal and never with --json or -q."""
+
+    def __init__(self, ctx: _Context, what: str) -> None:
+        self.enabled = (
+            sys.stderr.isatty()
+            and not ctx.json
+            and logging.getLogger("casstore").level <= logging.WARNING
+        )
+        self.what = what
+        self._bar: Any = None
+        self._task: Any = None
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._bar is None:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self._bar = Progress(console=Console(stderr=True), transient=True)
+            self._task = self._bar.add_task(self.what, total=total)
+            self._bar.start()
+        self._bar.update(self._task, completed=done)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

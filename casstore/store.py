@@ -19,7 +19,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -135,33 +135,40 @@ class Store:
     def _ensure(self, req: Request) -> str:
         """The sha256 of ``req``'s object, downloading it if the store lacks it."""
         source = redact(req.url)
-        known = req.sha256
-        if known is None and req.md5 is not None:
-            known = self.index.lookup_md5(req.md5)
-        elif known is None:
-            known = self.index.lookup_source(source)  # trusted on an earlier use
+        known = req.sha256 or self._known(req, source)
         if known is not None and self._hit(known, name=req.name, source=source):
             return known
         from .locks import single_flight
 
         key = known or "url-" + hashlib.sha256(source.encode()).hexdigest()
         with single_flight(self.layout, key, label=source, on_wait=log.warning):
+            if known is None:
+                # Keyed by URL (md5 or trust on first use): whoever held the lock
+                # before us recorded what it fetched; look again.
+                known = self._known(req, source)
             if known is not None and self._hit(known, name=req.name, source=source):
                 return known
             published, final_url = self._download(req)
-        self.index.record_object(
-            published.sha256,
-            published.size,
-            blake3=published.blake3,
-            md5=published.md5,
-            name=req.name,
-            source=source,
-        )
+            # Recorded before the lock is released, so a waiter's look-up finds it.
+            self.index.record_object(
+                published.sha256,
+                published.size,
+                blake3=published.blake3,
+                md5=published.md5,
+                name=req.name,
+                source=source,
+            )
         if final_url != req.url and redact(final_url) != source:
             self.index.record_use(published.sha256, published.size, source=redact(final_url))
         if req.sha256 is None and req.md5 is None:
             log.warning("trusting %s on first use: sha256 %s", source, published.sha256)
         return published.sha256
+
+    def _known(self, req: Request, source: str) -> str | None:
+        """The digest the index has for a request without sha256: by md5, else by URL."""
+        if req.md5 is not None:
+            return self.index.lookup_md5(req.md5)
+        return self.index.lookup_source(source)  # trusted on an earlier use
 
     def _hit(self, sha256: str, *, name: str | None = None, source: str | None = None) -> bool:
         """True if the object is present and sound as far as a stat can tell; records the use.
@@ -251,8 +258,12 @@ class Store:
         *,
         concurrency: int = 8,
         link: str | LinkMode = LinkMode.AUTO,
+        on_done: Callable[[int, Artifact | CasError], None] | None = None,
     ) -> list[Artifact | CasError]:
         """``ensure`` each request; an Artifact or the CasError per request, in order.
+
+        ``on_done(i, outcome)`` is called from the worker thread as request ``i``
+        finishes (for progress displays).
 
         Raises:
             InvalidInput: a malformed request, before anything is downloaded.
@@ -262,14 +273,17 @@ class Store:
         reqs = [_coerce(r) for r in requests]
         mode = parse_mode(link)
 
-        def one(req: Request) -> Artifact | CasError:
+        def one(i: int, req: Request) -> Artifact | CasError:
             try:
-                return self.ensure(req, link=mode)
+                outcome: Artifact | CasError = self.ensure(req, link=mode)
             except CasError as exc:
-                return exc
+                outcome = exc
+            if on_done is not None:
+                on_done(i, outcome)
+            return outcome
 
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            return list(pool.map(one, reqs))
+            return list(pool.map(one, range(len(reqs)), reqs))
 
     # -- put -----------------------------------------------------------------
 
