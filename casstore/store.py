@@ -334,7 +334,13 @@ class Store:
         leader = task is None
         if task is None:
             task = flights[key] = loop.create_task(self._aensure(req))
-            task.add_done_callback(lambda _: flights.pop(key, None))
+
+            def landed(_: object) -> None:
+                flights.pop(key, None)
+                if not flights and self._aflights.get(loop) is flights:
+                    del self._aflights[loop]
+
+            task.add_done_callback(landed)
         sha = await asyncio.shield(task)
         if not leader:  # the leader recorded its own name and source
             await asyncio.to_thread(self._hit, sha, name=req.name, source=redact(req.url))
