@@ -111,16 +111,21 @@ def test_read_timeout_is_retried_and_resumed(store_dir, origin):
 # -- resume and size checks ------------------------------------------------------
 
 
-def test_truncated_transfer_resumes_with_one_range_request(store, store_dir, origin):
-    url = origin.add("/cut", DATA, truncate_at=120_000)
-    assert store.get(url, sha256=sha(DATA)).read_bytes() == DATA
+# Bodies under 1 MiB are written on the receiving thread, larger ones by a worker.
+BIG = blob(3 * (1 << 20) + 17, seed=5)
+
+
+@pytest.mark.parametrize(("data", "cut"), [(DATA, 120_000), (BIG, 2_500_000)])
+def test_truncated_transfer_resumes_with_one_range_request(store, store_dir, origin, data, cut):
+    url = origin.add("/cut", data, truncate_at=cut)
+    assert store.get(url, sha256=sha(data)).read_bytes() == data
     seen = origin.requests("/cut")
     assert len(seen) == 2
     assert "range" not in seen[0].headers
-    assert seen[1].headers["range"] == "bytes=120000-"
+    assert seen[1].headers["range"] == f"bytes={cut}-"
     assert seen[1].headers["if-range"] == origin.routes["/cut"].etag
     assert seen[1].status == 206
-    assert origin.bytes_sent("/cut") == len(DATA)
+    assert origin.bytes_sent("/cut") == len(data)
     assert_store_consistent(store_dir)
 
 
@@ -136,21 +141,22 @@ def test_resume_uses_last_modified_without_a_strong_etag(store, store_dir, origi
     assert_store_consistent(store_dir)
 
 
-def test_without_range_support_restarts_and_still_verifies(store, store_dir, origin):
-    url = origin.add("/norange", DATA, truncate_at=120_000, ranges=False)
-    assert store.get(url, sha256=sha(DATA)).read_bytes() == DATA
+@pytest.mark.parametrize(("data", "cut"), [(DATA, 120_000), (BIG, 2_500_000)])
+def test_without_range_support_restarts_and_still_verifies(store, store_dir, origin, data, cut):
+    url = origin.add("/norange", data, truncate_at=cut, ranges=False)
+    assert store.get(url, sha256=sha(data)).read_bytes() == data
     seen = origin.requests("/norange")
     assert [s.status for s in seen] == [200, 200]
-    assert origin.bytes_sent("/norange") == 120_000 + len(DATA)
+    assert origin.bytes_sent("/norange") == cut + len(data)
     assert_store_consistent(store_dir)
 
 
 def test_206_starting_elsewhere_restarts_from_zero(store, store_dir, origin):
-    url = origin.add("/badrange", DATA, truncate_at=120_000, range_start=0)
-    assert store.get(url, sha256=sha(DATA)).read_bytes() == DATA
+    url = origin.add("/badrange", BIG, truncate_at=2_500_000, range_start=0)
+    assert store.get(url, sha256=sha(BIG)).read_bytes() == BIG
     seen = origin.requests("/badrange")
     assert len(seen) == 3
-    assert seen[1].status == 206 and seen[1].headers["range"] == "bytes=120000-"
+    assert seen[1].status == 206 and seen[1].headers["range"] == "bytes=2500000-"
     assert "range" not in seen[2].headers and seen[2].status == 200
     assert_store_consistent(store_dir)
 
@@ -401,16 +407,16 @@ def _run_in_pty(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     return proc.wait(timeout=30), out.decode(errors="replace")
 
 
-@pytest.mark.parametrize("quiet", [False, True])
-def test_progress_bar_on_a_terminal_only(store_dir, origin, quiet):
+@pytest.mark.parametrize("flag", ["", "-q", "--json"])
+def test_progress_bar_on_a_terminal_only(store_dir, origin, flag):
     data = blob(400_000, seed=2)
     url = origin.add("/slow", data, chunk=16_384, drip=0.07)  # about 1.7 s
     env = {**os.environ, "CASSTORE_DIR": str(store_dir), "TERM": "xterm", "COLUMNS": "100"}
-    code, out = _run_in_pty([*(["-q"] if quiet else []), "get", url, "--sha256", sha(data)], env)
+    code, out = _run_in_pty([*([flag] if flag else []), "get", url, "--sha256", sha(data)], env)
     assert code == 0, out
-    assert ("━" in out and "B/s" in out) is not quiet, out
+    assert ("━" in out and "B/s" in out) is not bool(flag), out
     assert_store_consistent(store_dir)
-    if quiet:
+    if flag:
         return
     # Piped: the same slow download draws nothing.
     url2 = origin.add("/slow2", data, chunk=16_384, drip=0.07)
@@ -439,20 +445,20 @@ def test_aget_many_of_one_digest_download_once(store, store_dir, origin):
 
 def test_aget_retries_resumes_and_skips_bad_mirrors(store, store_dir, origin, tmp_path):
     bad = origin.add("/abad", b"wrong")
-    good = origin.add("/agood", DATA, fail_first=[503], truncate_at=100_000)
+    good = origin.add("/agood", BIG, fail_first=[503], truncate_at=2_000_000)
     dest = tmp_path / "out" / "file.bin"
     dest.parent.mkdir()
 
     async def main():
-        return await store.aget(bad, sha256=sha(DATA), mirrors=[good], dest=dest)
+        return await store.aget(bad, sha256=sha(BIG), mirrors=[good], dest=dest)
 
     assert asyncio.run(main()) == dest
-    assert dest.read_bytes() == DATA
+    assert dest.read_bytes() == BIG
     seen = origin.requests("/agood")
     assert [s.status for s in seen] == [503, 200, 206]
-    assert origin.bytes_sent("/agood") == len(DATA)
+    assert origin.bytes_sent("/agood") == len(BIG)
     # A second aget is a hit.
-    assert asyncio.run(store.aget(good, sha256=sha(DATA))).read_bytes() == DATA
+    assert asyncio.run(store.aget(good, sha256=sha(BIG))).read_bytes() == BIG
     assert origin.count("/agood") == 3
     assert_store_consistent(store_dir)
 
