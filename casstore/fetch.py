@@ -17,6 +17,9 @@ One download is a series of attempts under a retry policy (SPEC §5):
 - a body longer than Content-Length or the expected size is never accepted,
   a short one is resumed, then reported as a ``DownloadError``.
 
+Bytes are hashed and written by a worker thread in 1 MiB buffers
+(``_Pipeline``), overlapping with receiving; measured, not assumed.
+
 The sync and async paths share every decision (the pure helpers below and
 one ``_Transfer`` state object); only the byte loop is written twice, as in
 httpx's own ``BaseClient``.  Retries use tenacity (well kept, sync and async

@@ -8,6 +8,7 @@ import os
 import pty
 import resource
 import select
+import socket
 import subprocess
 import sys
 
@@ -337,6 +338,27 @@ def test_header_option_is_sent_but_never_stored(run_cli, store_dir, origin):
     assert b"tok-123456" not in r.stdout + r.stderr + _store_bytes(store_dir)
     r = run_cli("get", url)  # a hit now: the digest was recorded for the URL
     assert r.returncode == 0 and origin.count("/token") == 1
+    assert_store_consistent(store_dir)
+
+
+def test_connect_error_names_the_url_redacted(run_cli, store_dir):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run_cli("get", f"http://bob:pw123@127.0.0.1:{port}/x", "--retries", "1")
+    err = r.stderr.decode()
+    assert r.returncode == 4
+    assert f"http://***@127.0.0.1:{port}/x" in err.splitlines()[-1]
+    assert "retry 1 of 1" in err and "pw123" not in err
+
+
+def test_proxy_comes_from_the_environment(store, store_dir, origin, monkeypatch):
+    # The origin stands in for a proxy: it sees the absolute URL and answers 404.
+    monkeypatch.setenv("HTTP_PROXY", origin.base)
+    with pytest.raises(DownloadError) as info:
+        store.get("http://artifacts.example.invalid/pkg.tar", sha256=sha(DATA))
+    assert info.value.status == 404
+    assert [s.path for s in origin.requests()] == ["http://artifacts.example.invalid/pkg.tar"]
     assert_store_consistent(store_dir)
 
 
