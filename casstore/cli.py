@@ -150,15 +150,13 @@ def get(
 
     Example: casstore get https://example.org/a.whl --sha256 <hex> -o ./a.whl
     """
-    from .fetch import parse_header
     from .models import Request
 
-    ctx.store_options.update(
-        retries=retries,
-        timeout=timeout,
-        headers=[parse_header(h) for h in headers],
-        progress=ctx.show_progress,
-    )
+    if headers:
+        from .fetch import parse_header
+
+        ctx.store_options["headers"] = [parse_header(h) for h in headers]
+    ctx.store_options.update(retries=retries, timeout=timeout, progress=ctx.show_progress)
     artifact = ctx.store.ensure(
         Request(urls[0], sha256=sha256, name=name, mirrors=urls[1:], dest=dest, md5=md5, size=size),
         link=link_mode,
