@@ -25,16 +25,24 @@ LINK_MODES = click.Choice([m.value for m in LinkMode])
 
 
 class _Context:
-    def __init__(self, store_dir: str | None, as_json: bool) -> None:
+    def __init__(self, store_dir: str | None, as_json: bool, quiet: bool = False) -> None:
         self.store_dir = store_dir
         self.json = as_json
+        self.quiet = quiet
+        # Download options a command sets before its first use of ``store``.
+        self.store_options: dict[str, Any] = {}
         self._store: Store | None = None
 
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(self.store_dir)
+            self._store = Store(self.store_dir, **self.store_options)
         return self._store
+
+    @property
+    def show_progress(self) -> bool:
+        """A progress bar only on a terminal, never with -q or --json (SPEC §5)."""
+        return not (self.quiet or self.json) and sys.stderr.isatty()
 
 
 pass_ctx = click.make_pass_decorator(_Context)
@@ -88,7 +96,7 @@ def cli(
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
-    click_ctx.obj = _Context(store_dir, as_json)
+    click_ctx.obj = _Context(store_dir, as_json, quiet)
 
 
 @cli.command()
@@ -104,6 +112,24 @@ def cli(
 )
 @click.option("--link", "link_mode", type=LINK_MODES, default="auto", show_default=True)
 @click.option("--md5", help="Also check this md5 in the same pass.")
+@click.option("--size", type=click.IntRange(min=0), help="Expected size in bytes.")
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    help="Retries per source after transient failures [default: 3, $CASSTORE_RETRIES].",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to wait to connect or for each read [default: 30].",
+)
+@click.option(
+    "--header",
+    "headers",
+    multiple=True,
+    metavar="'NAME: VALUE'",
+    help="Extra request header (repeatable); sent, never stored or printed.",
+)
 @pass_ctx
 def get(
     ctx: _Context,
@@ -113,6 +139,10 @@ def get(
     dest: str | None,
     link_mode: str,
     md5: str | None,
+    size: int | None,
+    retries: int | None,
+    timeout: float | None,
+    headers: tuple[str, ...],
 ) -> None:
     """Ensure the object behind URL is in the store; print its path (or DEST).
 
@@ -122,8 +152,13 @@ def get(
     """
     from .models import Request
 
+    if headers:
+        from .fetch import parse_header
+
+        ctx.store_options["headers"] = [parse_header(h) for h in headers]
+    ctx.store_options.update(retries=retries, timeout=timeout, progress=ctx.show_progress)
     artifact = ctx.store.ensure(
-        Request(urls[0], sha256=sha256, name=name, mirrors=urls[1:], dest=dest, md5=md5),
+        Request(urls[0], sha256=sha256, name=name, mirrors=urls[1:], dest=dest, md5=md5, size=size),
         link=link_mode,
     )
     _emit(ctx, artifact.as_dict(), str(artifact.dest or artifact.path))

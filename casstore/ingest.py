@@ -81,6 +81,12 @@ class Ingest:
             written = os.write(self._fd, view)
             view = view[written:]
 
+    def ensure_space(self, needed: int) -> None:
+        """Raise ``CasError`` now if the store cannot take ``needed`` more bytes
+        (fetch.py calls it once the origin announces a size)."""
+        if needed > 0:
+            _check_space(self.layout.tmp, needed)
+
     def reset(self) -> None:
         """Start over (a server ignored our Range): empty file, fresh hashers."""
         os.ftruncate(self._fd, 0)

@@ -14,6 +14,7 @@ httpx, blake3 nor sqlite-utils.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -59,12 +60,35 @@ class Store:
     the user cache dir).  Opening creates nothing; the first write lays out the
     directory."""
 
-    def __init__(self, root: PathLike | None = None) -> None:
+    def __init__(
+        self,
+        root: PathLike | None = None,
+        *,
+        retries: int | None = None,
+        timeout: float | None = None,
+        backoff_max: float | None = None,
+        headers: Any = (),
+        progress: bool = False,
+    ) -> None:
+        """Download options (SPEC §5): ``retries`` after the first attempt (default 3,
+        ``CASSTORE_RETRIES``), ``timeout`` per connect/read in seconds (30),
+        ``backoff_max`` seconds (10, ``CASSTORE_BACKOFF_MAX``), extra request
+        ``headers`` (a mapping or pairs; sent, never stored or printed), and
+        ``progress``: draw a bar on stderr for downloads that take over a second.
+        """
         self.layout = Layout(root if root is not None else default_root())
         self.root = self.layout.root
         self.index = Index(self.layout)
         self._client: Any = None  # httpx.Client, imported on first download
         self._client_lock = threading.Lock()
+        self._download_options = dict(
+            retries=retries, timeout=timeout, backoff_max=backoff_max, headers=headers
+        )
+        self._policy_cache: Any = None
+        self.progress = progress
+        # aget: per event loop, the in-flight downloads by key and one shared AsyncClient.
+        self._aflights: dict[Any, dict[str, Any]] = {}
+        self._aclients: dict[Any, list[Any]] = {}
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -135,40 +159,46 @@ class Store:
     def _ensure(self, req: Request) -> str:
         """The sha256 of ``req``'s object, downloading it if the store lacks it."""
         source = redact(req.url)
-        known = req.sha256 or self._known(req, source)
+        known = self._known(req)
         if known is not None and self._hit(known, name=req.name, source=source):
             return known
         from .locks import single_flight
 
-        key = known or "url-" + hashlib.sha256(source.encode()).hexdigest()
-        with single_flight(self.layout, key, label=source, on_wait=log.warning):
+        with single_flight(self.layout, _flight_key(req, known), label=source, on_wait=log.warning):
             if known is None:
                 # Keyed by URL (md5 or trust on first use): whoever held the lock
                 # before us recorded what it fetched; look again.
-                known = self._known(req, source)
+                known = self._known(req)
             if known is not None and self._hit(known, name=req.name, source=source):
                 return known
             published, final_url = self._download(req)
             # Recorded before the lock is released, so a waiter's look-up finds it.
-            self.index.record_object(
-                published.sha256,
-                published.size,
-                blake3=published.blake3,
-                md5=published.md5,
-                name=req.name,
-                source=source,
-            )
+            return self._record(req, published, final_url)
+
+    def _known(self, req: Request) -> str | None:
+        """The digest ``req`` is expected to have, if it (or an earlier use) says."""
+        if req.sha256 is not None:
+            return req.sha256
+        if req.md5 is not None:
+            return self.index.lookup_md5(req.md5)
+        return self.index.lookup_source(redact(req.url))  # trusted on an earlier use
+
+    def _record(self, req: Request, published: Published, final_url: str) -> str:
+        """Index a fresh download: object, name, the URL and the final URL after redirects."""
+        source = redact(req.url)
+        self.index.record_object(
+            published.sha256,
+            published.size,
+            blake3=published.blake3,
+            md5=published.md5,
+            name=req.name,
+            source=source,
+        )
         if final_url != req.url and redact(final_url) != source:
             self.index.record_use(published.sha256, published.size, source=redact(final_url))
         if req.sha256 is None and req.md5 is None:
             log.warning("trusting %s on first use: sha256 %s", source, published.sha256)
         return published.sha256
-
-    def _known(self, req: Request, source: str) -> str | None:
-        """The digest the index has for a request without sha256: by md5, else by URL."""
-        if req.md5 is not None:
-            return self.index.lookup_md5(req.md5)
-        return self.index.lookup_source(source)  # trusted on an earlier use
 
     def _hit(self, sha256: str, *, name: str | None = None, source: str | None = None) -> bool:
         """True if the object is present and sound as far as a stat can tell; records the use.
@@ -190,11 +220,15 @@ class Store:
         from .fetch import download
         from .ingest import Ingest
 
+        policy = self._policy()
         failures: list[CasError] = []
         for url in (req.url, *req.mirrors):
+            bar = self._progress_bar(url)
             try:
                 with Ingest(self.layout, md5=req.md5 is not None, size_hint=req.size) as ingest:
-                    fetched = download(url, ingest, client=self.client)
+                    fetched = download(
+                        url, ingest, client=self.client, policy=policy, size=req.size, progress=bar
+                    )
                     published = ingest.commit(
                         sha256=req.sha256, size=req.size, md5=req.md5, source=redact(url)
                     )
@@ -203,19 +237,49 @@ class Store:
                 failures.append(exc)
                 if req.mirrors:
                     log.warning("%s", exc)
-        if len(failures) == 1:
-            raise failures[0]
-        if all(isinstance(e, IntegrityFailure) for e in failures):
-            raise type(failures[-1])(
-                "every source served wrong bytes: " + "; ".join(map(str, failures)),
-                url=redact(req.url),
-                errors=[str(e) for e in failures],
-            )
-        raise DownloadError(
-            "every source failed: " + "; ".join(map(str, failures)),
-            url=redact(req.url),
-            errors=[str(e) for e in failures],
-        )
+            finally:
+                if bar is not None:
+                    bar.close()
+        raise _all_failed(req, failures)
+
+    async def _adownload(self, req: Request) -> tuple[Published, str]:
+        """``_download`` on the event loop's AsyncClient."""
+        from .fetch import adownload
+        from .ingest import Ingest
+
+        policy = self._policy()
+        failures: list[CasError] = []
+        async with self._aclient() as client:
+            for url in (req.url, *req.mirrors):
+                try:
+                    with Ingest(self.layout, md5=req.md5 is not None, size_hint=req.size) as ing:
+                        fetched = await adownload(
+                            url, ing, client=client, policy=policy, size=req.size
+                        )
+                        published = ing.commit(
+                            sha256=req.sha256, size=req.size, md5=req.md5, source=redact(url)
+                        )
+                    return published, fetched.url
+                except (DownloadError, IntegrityFailure) as exc:
+                    failures.append(exc)
+                    if req.mirrors:
+                        log.warning("%s", exc)
+        raise _all_failed(req, failures)
+
+    def _policy(self) -> Any:
+        """The download policy (built on first download: it reads the environment)."""
+        if self._policy_cache is None:
+            from .fetch import Policy
+
+            self._policy_cache = Policy.from_env(**self._download_options)
+        return self._policy_cache
+
+    def _progress_bar(self, url: str) -> Any:
+        if not self.progress:
+            return None
+        from .progress import Bar
+
+        return Bar(redact(url))
 
     @property
     def client(self) -> Any:
@@ -224,8 +288,102 @@ class Store:
             if self._client is None:
                 from .fetch import new_client
 
-                self._client = new_client()
+                self._client = new_client(timeout=self._policy().timeout)
             return self._client
+
+    @contextlib.asynccontextmanager
+    async def _aclient(self) -> Any:
+        """One AsyncClient per event loop, shared by the downloads in flight on it
+        and closed when the last one ends (so no connection outlives its loop)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        entry = self._aclients.get(loop)
+        if entry is None:
+            from .fetch import new_async_client
+
+            entry = self._aclients[loop] = [new_async_client(timeout=self._policy().timeout), 0]
+        entry[1] += 1
+        try:
+            yield entry[0]
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._aclients[loop]
+                await entry[0].aclose()
+
+    async def aget(
+        self,
+        url: str,
+        sha256: str | None = None,
+        *,
+        name: str | None = None,
+        mirrors: Sequence[str] = (),
+        dest: PathLike | None = None,
+        link: str | LinkMode = LinkMode.AUTO,
+        md5: str | None = None,
+        size: int | None = None,
+    ) -> Path:
+        """``get`` for asyncio, downloading with an ``httpx.AsyncClient``.
+
+        Same semantics and errors as ``get``.  Many ``aget`` of one digest at
+        once (``asyncio.gather``) download it once: the first starts the work,
+        the others await it; across processes the per-digest lock is taken in a
+        worker thread.  Index reads and writes run in worker threads too.
+        """
+        import asyncio
+
+        req = _request(
+            url, sha256, name=name, mirrors=tuple(mirrors), dest=dest, md5=md5, size=size
+        )
+        mode = parse_mode(link)
+        loop = asyncio.get_running_loop()
+        flights = self._aflights.setdefault(loop, {})
+        key = _flight_key(req, req.sha256 or req.md5)
+        task = flights.get(key)
+        leader = task is None
+        if task is None:
+            task = flights[key] = loop.create_task(self._aensure(req))
+
+            def landed(_: object) -> None:
+                flights.pop(key, None)
+                if not flights and self._aflights.get(loop) is flights:
+                    del self._aflights[loop]
+
+            task.add_done_callback(landed)
+        sha = await asyncio.shield(task)
+        if not leader:  # the leader recorded its own name and source
+            await asyncio.to_thread(self._hit, sha, name=req.name, source=redact(req.url))
+        if req.dest is None:
+            return self.layout.object_path(sha)
+        result = await asyncio.to_thread(self._link, sha, Path(req.dest), mode, force=False)
+        return result.dest
+
+    async def _aensure(self, req: Request) -> str:
+        import asyncio
+
+        from .locks import single_flight
+
+        source = redact(req.url)
+        known = await asyncio.to_thread(self._known, req)
+        hit = lambda: known is not None and self._hit(known, name=req.name, source=source)  # noqa: E731
+        if await asyncio.to_thread(hit):
+            return known  # type: ignore[return-value]
+        # The cross-process lock blocks, so it is taken and released in worker threads
+        # (thread_local=False in locks.py makes that safe).
+        flight = single_flight(
+            self.layout, _flight_key(req, known), label=source, on_wait=log.warning
+        )
+        await asyncio.to_thread(flight.__enter__)
+        try:
+            if known is None:  # keyed by URL: the lock's last holder may have recorded it
+                known = await asyncio.to_thread(self._known, req)
+            if await asyncio.to_thread(hit):
+                return known  # type: ignore[return-value]
+            published, final_url = await self._adownload(req)
+            return await asyncio.to_thread(self._record, req, published, final_url)
+        finally:
+            await asyncio.to_thread(flight.__exit__, None, None, None)
 
     def get_many(
         self,
@@ -568,6 +726,28 @@ class Store:
             pass
         self.index.forget_object(sha)
         return "object"
+
+
+def _flight_key(req: Request, known: str | None) -> str:
+    """The single-flight key: the digest when known, else the (redacted) URL's hash."""
+    return known or "url-" + hashlib.sha256(redact(req.url).encode()).hexdigest()
+
+
+def _all_failed(req: Request, failures: list[CasError]) -> CasError:
+    """The error when no source worked: exit 3 only if every source served wrong bytes;
+    the message names each source (redacted, inside each reason) and why it failed."""
+    if len(failures) == 1:
+        return failures[0]
+    reasons = "; ".join(map(str, failures))
+    if all(isinstance(e, IntegrityFailure) for e in failures):
+        return type(failures[-1])(
+            f"every source served wrong bytes: {reasons}",
+            url=redact(req.url),
+            errors=[str(e) for e in failures],
+        )
+    return DownloadError(
+        f"every source failed: {reasons}", url=redact(req.url), errors=[str(e) for e in failures]
+    )
 
 
 def _request(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,12 @@ class Route:
     gate_after: int | None = None
     gate: threading.Event = field(default_factory=threading.Event)
     sent_event: threading.Event = field(default_factory=threading.Event)
+    # Answer a Range request with a 206 starting here, whatever was asked.
+    range_start: int | None = None
+    # No Content-Length: a chunked body, its end known only when it ends.
+    chunked: bool = False
+    # Headers the request must carry (else 403), e.g. a token.
+    require_headers: dict[str, str] = field(default_factory=dict)
     # Sleep this long between chunks (a slow origin), chunk size.
     drip: float = 0.0
     chunk: int = 64 * 1024
@@ -74,7 +81,13 @@ class Origin:
             def do_GET(self) -> None:
                 origin._serve(self, head=False)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:
+                # A client hanging up mid-request is what many tests do on purpose.
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    super().handle_error(request, client_address)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.base = f"http://127.0.0.1:{self.port}"
@@ -123,6 +136,8 @@ class Origin:
             expected = "Basic " + base64.b64encode(":".join(route.auth).encode()).decode()
             if h.headers.get("Authorization") != expected:
                 return self._empty(h, seen, 401, {"WWW-Authenticate": 'Basic realm="t"'})
+        if any(h.headers.get(k) != v for k, v in route.require_headers.items()):
+            return self._empty(h, seen, 403)
         if nth <= len(route.fail_first):
             status = route.fail_first[nth - 1]
             extra = {"Retry-After": "0"} if status in (429, 503) else {}
@@ -141,6 +156,8 @@ class Origin:
             if_range = h.headers.get("If-Range")
             if if_range is None or if_range == route.etag:
                 start = int(rng[6:].split("-", 1)[0])
+                if route.range_start is not None:
+                    start = route.range_start
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
         payload = body[start:]
@@ -148,7 +165,11 @@ class Origin:
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)
-        h.send_header("Content-Length", str(length))
+        if route.chunked:
+            h.send_header("Transfer-Encoding", "chunked")
+            h.close_connection = True
+        else:
+            h.send_header("Content-Length", str(length))
         h.end_headers()
         seen.status = status
         if head:
@@ -157,6 +178,11 @@ class Origin:
         if route.truncate_at is not None and nth - len(route.fail_first) <= route.truncate_times:
             limit = min(limit, max(0, route.truncate_at - start))
         self._write_body(h, seen, route, payload[:limit], start)
+        if route.chunked and limit == len(payload):
+            try:
+                h.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                pass
         if limit < len(payload):
             h.close_connection = True
             try:
@@ -173,7 +199,10 @@ class Origin:
                 end = min(len(view), pos + route.chunk)
                 if route.gate_after is not None and offset + pos < route.gate_after:
                     end = min(end, route.gate_after - offset)
-                h.wfile.write(view[pos:end])
+                if route.chunked:
+                    h.wfile.write(b"%x\r\n%s\r\n" % (end - pos, view[pos:end]))
+                else:
+                    h.wfile.write(view[pos:end])
                 seen.sent += end - pos
                 pos = end
                 if route.gate_after is not None and offset + pos == route.gate_after:
