@@ -59,22 +59,35 @@ def single_flight(
 
     layout.ensure()
     lock = FileLock(layout.lock_path(key), thread_local=False)
-    start = time.monotonic()
-    held = False
-    try:
-        lock.acquire(timeout=min(ANNOUNCE_AFTER, timeout), poll_interval=0.01)
-        held = True
-    except Timeout:
-        if on_wait:
-            on_wait(f"waiting for another process to fetch {label}")
-        try:
-            lock.acquire(timeout=max(0.0, timeout - (time.monotonic() - start)), poll_interval=0.05)
-            held = True
-        except Timeout:
-            if on_wait:
-                on_wait(f"lock for {label} not granted after {timeout:g}s; going on without it")
+    held = _acquire(lock, Timeout, label=label, timeout=timeout, on_wait=on_wait)
     try:
         yield held
     finally:
         if held:
             lock.release()
+
+
+def _acquire(lock, timeout_error, *, label: str, timeout: float, on_wait) -> bool:
+    """Try for ``timeout`` seconds, announcing a wait past ANNOUNCE_AFTER; True if held."""
+    start = time.monotonic()
+    try:
+        try:
+            lock.acquire(timeout=min(ANNOUNCE_AFTER, timeout), poll_interval=0.01)
+            return True
+        except timeout_error:
+            pass
+        if on_wait:
+            on_wait(f"waiting for another process to fetch {label}")
+        try:
+            lock.acquire(timeout=max(0.0, timeout - (time.monotonic() - start)), poll_interval=0.05)
+            return True
+        except timeout_error:
+            if on_wait:
+                on_wait(f"lock for {label} not granted after {timeout:g}s; going on without it")
+            return False
+    except OSError as exc:
+        # A read-only locks/ or a filesystem refusing locks: locks only spare
+        # bandwidth, so go on without one rather than fail the get.
+        if on_wait:
+            on_wait(f"cannot lock {label} ({exc.strerror or exc}); going on without a lock")
+        return False

@@ -18,7 +18,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -134,17 +134,24 @@ class Store:
 
         key = known or "url-" + hashlib.sha256(source.encode()).hexdigest()
         with single_flight(self.layout, key, label=source, on_wait=log.warning):
+            # Re-check under the lock: the holder we waited for may have fetched it.
+            if known is None and req.sha256 is None and req.md5 is None:
+                known = self.index.lookup_source(source)
+            elif known is None and req.md5 is not None:
+                known = self.index.lookup_md5(req.md5)
             if known is not None and self._hit(known, name=req.name, source=source):
                 return known
             published, final_url = self._download(req)
-        self.index.record_object(
-            published.sha256,
-            published.size,
-            blake3=published.blake3,
-            md5=published.md5,
-            name=req.name,
-            source=source,
-        )
+            # Recorded before the lock is released, so a waiter keyed by URL
+            # (trust on first use, md5) finds the row and does not download again.
+            self.index.record_object(
+                published.sha256,
+                published.size,
+                blake3=published.blake3,
+                md5=published.md5,
+                name=req.name,
+                source=source,
+            )
         if final_url != req.url and redact(final_url) != source:
             self.index.record_use(published.sha256, published.size, source=redact(final_url))
         if req.sha256 is None and req.md5 is None:
@@ -220,17 +227,19 @@ class Store:
         requests: Iterable[Request | tuple[str, str] | str],
         *,
         concurrency: int = 8,
+        link: str | LinkMode = LinkMode.AUTO,
     ) -> list[Path]:
-        """``get`` each request, ``concurrency`` at a time; paths in request order.
+        """``get`` each request, ``concurrency`` at a time; paths (or dests) in request order.
 
-        Each digest is downloaded once however often it is asked for.
+        Each digest is downloaded once however often it is asked for; all
+        downloads share one connection pool.  Blocks; safe from many threads.
 
         Raises:
             InvalidInput: a malformed request (before anything is downloaded).
             BatchError: after every item was tried, if any failed; ``results``
                 holds a Path or a CasError per request.
         """
-        outcomes = self.ensure_many(requests, concurrency=concurrency)
+        outcomes = self.ensure_many(requests, concurrency=concurrency, link=link)
         results = [o if isinstance(o, CasError) else (o.dest or o.path) for o in outcomes]
         failed = [r for r in results if isinstance(r, CasError)]
         if failed:
@@ -246,8 +255,16 @@ class Store:
         *,
         concurrency: int = 8,
         link: str | LinkMode = LinkMode.AUTO,
+        on_done: Callable[[int, Artifact | CasError], None] | None = None,
     ) -> list[Artifact | CasError]:
         """``ensure`` each request; an Artifact or the CasError per request, in order.
+
+        Requests are grouped by digest (else md5, else URL) up front: a group
+        runs in one worker, its first request downloads and the rest are hits
+        that only record names and materialize their ``dest``.  A group whose
+        download failed passes the error on to its requests for the same
+        sources instead of asking the origin again.  ``on_done(i, outcome)``
+        is called from worker threads as each item finishes.
 
         Raises:
             InvalidInput: a malformed request, before anything is downloaded.
@@ -256,15 +273,34 @@ class Store:
 
         reqs = [_coerce(r) for r in requests]
         mode = parse_mode(link)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(reqs):
+            groups.setdefault(_group_key(req), []).append(i)
+        results: list[Artifact | CasError | None] = [None] * len(reqs)
 
-        def one(req: Request) -> Artifact | CasError:
-            try:
-                return self.ensure(req, link=mode)
-            except CasError as exc:
-                return exc
+        def run_group(indices: list[int]) -> None:
+            failed: dict[tuple[str, ...], CasError] = {}
+            for i in indices:
+                req = reqs[i]
+                sources = (req.url, *req.mirrors)
+                outcome: Artifact | CasError
+                if sources in failed:
+                    outcome = failed[sources]
+                else:
+                    try:
+                        outcome = self.ensure(req, link=mode)
+                    except CasError as exc:
+                        outcome = failed[sources] = exc
+                results[i] = outcome
+                if on_done is not None:
+                    on_done(i, outcome)
 
-        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            return list(pool.map(one, reqs))
+        if reqs:
+            workers = max(1, min(concurrency, len(groups)))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casstore") as pool:
+                for future in [pool.submit(run_group, g) for g in groups.values()]:
+                    future.result()
+        return results  # type: ignore[return-value]
 
     # -- put -----------------------------------------------------------------
 
@@ -490,6 +526,15 @@ def _request(
         md5=parse_md5(md5) if md5 else None,
         size=size,
     )
+
+
+def _group_key(req: Request) -> str:
+    """What identifies one download in a batch: the digest, else md5, else the source."""
+    if req.sha256:
+        return req.sha256
+    if req.md5:
+        return "md5:" + req.md5
+    return "url:" + redact(req.url)
 
 
 def _coerce(item: Request | tuple[str, str] | str) -> Request:
