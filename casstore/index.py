@@ -356,15 +356,19 @@ class Index:
 
     # -- links -------------------------------------------------------------
 
-    def record_link(self, path: str, device: int, inode: int, sha256: str, method: str) -> None:
+    def record_link(self, path: str, device: int, inode: int, sha256: str, method: str) -> bool:
+        """Record a materialized path; False if the object's row is gone (a racing
+        ``rm`` or gc removed it: there is nothing left to keep alive)."""
         with self._write() as conn:
-            conn.execute(
+            cur = conn.execute(
                 "INSERT INTO links (path, device, inode, sha256, method, recorded) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET "
+                "SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM objects WHERE sha256 = ?) "
+                "ON CONFLICT (path) DO UPDATE SET "
                 "device = excluded.device, inode = excluded.inode, sha256 = excluded.sha256, "
                 "method = excluded.method, recorded = excluded.recorded",
-                (path, device, inode, sha256, method, time.time()),
+                (path, device, inode, sha256, method, time.time(), sha256),
             )
+        return cur.rowcount > 0
 
     def links_of(self, sha256: str) -> list[dict[str, Any]]:
         rows = self.conn.execute(

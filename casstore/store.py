@@ -132,7 +132,12 @@ class Store:
             return known
         from .locks import single_flight
 
-        key = known or "url-" + hashlib.sha256(source.encode()).hexdigest()
+        if known is not None:
+            key = known
+        elif req.md5 is not None:  # one lock per content, whichever mirror serves it
+            key = "md5-" + req.md5
+        else:
+            key = "url-" + hashlib.sha256(source.encode()).hexdigest()
         with single_flight(self.layout, key, label=source, on_wait=log.warning):
             # Re-check under the lock: the holder we waited for may have fetched it.
             if known is None and req.sha256 is None and req.md5 is None:

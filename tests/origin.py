@@ -168,18 +168,23 @@ class Origin:
     def _write_body(self, h, seen: Seen, route: Route, payload: bytes, offset: int) -> None:
         view = memoryview(payload)
         pos = 0
+        gated = False
         try:
-            while pos < len(view):
+            while True:
+                # gate_after=0 stalls right after the headers; len(body) after the last byte.
+                if not gated and route.gate_after is not None and offset + pos == route.gate_after:
+                    gated = True
+                    h.wfile.flush()
+                    route.sent_event.set()
+                    route.gate.wait(60)
+                if pos >= len(view):
+                    break
                 end = min(len(view), pos + route.chunk)
                 if route.gate_after is not None and offset + pos < route.gate_after:
                     end = min(end, route.gate_after - offset)
                 h.wfile.write(view[pos:end])
                 seen.sent += end - pos
                 pos = end
-                if route.gate_after is not None and offset + pos == route.gate_after:
-                    h.wfile.flush()
-                    route.sent_event.set()
-                    route.gate.wait(60)
                 if route.drip:
                     h.wfile.flush()
                     time.sleep(route.drip)
