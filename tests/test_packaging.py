@@ -17,9 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_installed_wheel_finds_its_migrations(tmp_path):
     wheels = tmp_path / "wheels"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(wheels), str(ROOT)],
-        capture_output=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(ROOT),
+        ],
+        capture_output=True,
+        timeout=240,
     )
     assert build.returncode == 0, build.stderr.decode()
     (wheel,) = wheels.glob("casstore-*.whl")
@@ -36,7 +47,10 @@ def test_installed_wheel_finds_its_migrations(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(target)}
     run = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "store")],
-        capture_output=True, env=env, cwd=tmp_path, timeout=60,
+        capture_output=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
     )
     assert run.returncode == 0, run.stderr.decode()
     module_file, migrations, digest = run.stdout.decode().split()
