@@ -44,7 +44,8 @@ def _serve(conn, spec: dict) -> None:
     origin = Origin()
     digests = {}
     for path, (size, seed) in spec.items():
-        data = random.Random(seed).randbytes(size)
+        rng = random.Random(seed)
+        data = b"".join(rng.randbytes(min(1 << 20, size - i)) for i in range(0, size, 1 << 20))
         origin.add(path, data, chunk=1 << 20)
         digests[path] = hashlib.sha256(data).hexdigest()
     conn.send((origin.base, digests))
@@ -65,6 +66,9 @@ def origin_process(spec: dict):
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_serve, args=(child, spec), daemon=True)
     proc.start()
+    if not parent.poll(300):
+        proc.kill()
+        raise SystemExit("the origin process did not start")
     base, digests = parent.recv()
 
     def stats() -> tuple[int, int]:
@@ -110,9 +114,8 @@ def bench_single_flight(workdir: Path, size_mib: int, procs: int) -> None:
         shutil.rmtree(store)
     served -= served_single
     print(f"single get               {single:6.2f} s")
-    print(
-        f"{procs} gets at once          {many:6.2f} s   ({many / single:.2f}x single; target <= 1.3x)"
-    )
+    ratio = many / single
+    print(f"{procs} gets at once          {many:6.2f} s   ({ratio:.2f}x single; target <= 1.3x)")
     print(
         f"bytes served / size      {served / size:6.2f}     (requests: {requests - 1}; target 1.0)"
     )
@@ -197,9 +200,8 @@ def bench_small_files(workdir: Path, n: int, file_size: int) -> None:
             f"{label} / pooch: {results[label] / pooch_rate:.1f}x (target >= 3x, >= 1500 files/s)"
         )
     if "curl -K (keep-alive)" in results:
-        print(
-            f"get_many / curl -K: {results['Store.get_many (8 threads)'] / results['curl -K (keep-alive)']:.2f}x"
-        )
+        ratio = results["Store.get_many (8 threads)"] / results["curl -K (keep-alive)"]
+        print(f"get_many / curl -K: {ratio:.2f}x")
 
 
 def bench_batched_fsync(workdir: Path, n: int, file_size: int) -> None:
