@@ -266,9 +266,10 @@ class Store:
 
         Requests are grouped by digest (else md5, else URL) up front: a group
         runs in one worker, its first request downloads and the rest are hits
-        that only record names and materialize their ``dest``.  A group whose
-        download failed passes the error on to its requests for the same
-        sources instead of asking the origin again.  ``on_done(i, outcome)``
+        that only record names and materialize their ``dest``.  A download
+        that failed (DownloadError, IntegrityFailure) is the answer for the
+        group's other requests from the same sources too, without asking the
+        origin again; other errors (a bad ``dest``) stay with their item.  ``on_done(i, outcome)``
         is called from worker threads as each item finishes.
 
         Raises:
@@ -294,8 +295,10 @@ class Store:
                 else:
                     try:
                         outcome = self.ensure(req, link=mode)
+                    except (DownloadError, IntegrityFailure) as exc:
+                        outcome = failed[sources] = exc  # the source's fault: shared
                     except CasError as exc:
-                        outcome = failed[sources] = exc
+                        outcome = exc  # e.g. this item's dest: its own
                 results[i] = outcome
                 if on_done is not None:
                     on_done(i, outcome)

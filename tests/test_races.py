@@ -188,3 +188,48 @@ def test_get_many_downloads_each_digest_once_and_reports_every_failure(store, st
     assert store.info("a-again").sha256 == sha(a)
     assert store.get_many([(ua, sha(a)), (ub, sha(b))]) == [obj_a, obj_b]
     assert_store_consistent(store_dir)
+
+
+@pytest.mark.parametrize("mode", ["auto", "copy", "symlink"])
+def test_many_threads_materialize_one_dest(store, store_dir, tmp_path, mode):
+    digest = store.put(blob(100_000, seed=7))
+    dest = tmp_path / "out" / "pkg.conda"
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        barrier.wait(30)
+        for _ in range(25):
+            try:
+                store.link(digest, dest, link=mode)
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    obj = store.layout.object_path(digest)
+    if mode == "auto":
+        assert dest.stat().st_ino == obj.stat().st_ino
+    elif mode == "symlink":
+        assert os.readlink(dest) == str(obj)
+    assert sha(dest.read_bytes()) == digest
+    assert os.listdir(dest.parent) == ["pkg.conda"]  # no temp left beside it
+    assert_store_consistent(store_dir)
+
+
+def test_get_many_keeps_a_bad_dest_to_its_own_item(store, store_dir, tmp_path, origin):
+    data = blob(10_000, seed=3)
+    url = origin.add("/c.bin", data)
+    taken = tmp_path / "taken.bin"
+    taken.write_bytes(b"other content")
+    outcomes = store.ensure_many(
+        [Request(url, sha256=sha(data), dest=str(taken)), Request(url, sha256=sha(data))]
+    )
+    assert "exists with other content" in str(outcomes[0])
+    assert outcomes[1].path == store.layout.object_path(sha(data))
+    assert taken.read_bytes() == b"other content" and origin.count("/c.bin") == 1
+    assert_store_consistent(store_dir)
