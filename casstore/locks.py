@@ -88,14 +88,14 @@ def _acquire(path: Path, *, label: str, timeout: float, on_wait) -> int | None:
         if fd is not None:
             return fd
         waited = time.monotonic() - start
-        if waited >= timeout:
-            if on_wait:
-                on_wait(f"lock for {label} not granted after {timeout:g}s; going on without it")
-            return None
         if not announced and waited >= ANNOUNCE_AFTER:
             announced = True
             if on_wait:
                 on_wait(f"waiting for another process to fetch {label}")
+        if waited >= timeout:
+            if on_wait:
+                on_wait(f"lock for {label} not granted after {timeout:g}s; going on without it")
+            return None
         time.sleep(min(delay, max(0.0, timeout - waited)))
         delay = min(delay * 2, 0.05)
 
