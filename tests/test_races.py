@@ -151,11 +151,11 @@ def test_random_operations_leave_the_store_consistent(tmp_path, store_dir, origi
 
 def test_sixteen_writers_never_see_database_locked(tmp_path, store_dir):
     specs = [
-        {"job": "put_many", "store": str(store_dir), "seed": i, "count": 25} for i in range(16)
+        {"job": "put_many", "store": str(store_dir), "seed": i, "count": 60} for i in range(16)
     ]
     _start_together(tmp_path, specs)
     store = Store(store_dir)
-    assert store.stats().names == 16 * 25
+    assert store.stats().names == 16 * 60
     store.close()
     assert_store_consistent(store_dir)
 
