@@ -216,10 +216,11 @@ def _url(text: str, number: int, source: str) -> str:
 
 def _digest(text: str, number: int, source: str) -> tuple[str | None, str | None]:
     """(sha256, md5) from ``<64 hex>``, ``sha256:<64 hex>`` or ``<32 hex>`` (md5)."""
-    value = text[7:] if text.lower().startswith("sha256:") else text
+    prefixed = text.lower().startswith("sha256:")
+    value = text[7:] if prefixed else text
     if is_hex(value) and len(value) == 64:
         return value.lower(), None
-    if is_hex(value) and len(value) == 32 and value is text:
+    if is_hex(value) and len(value) == 32 and not prefixed:
         return None, value.lower()
     _fail(source, number, f"invalid digest {text!r}: expected 64 hex (sha256) or 32 hex (md5)")
 
