@@ -7,6 +7,7 @@ Exit codes are decided once, in ``main()``, from the error's class.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -162,6 +163,80 @@ def get(
         link=link_mode,
     )
     _emit(ctx, artifact.as_dict(), str(artifact.dest or artifact.path))
+
+
+@cli.command()
+@click.argument("file")
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(1, 256),
+    default=8,
+    show_default=True,
+    help="Downloads at once.",
+)
+@click.option(
+    "--dest",
+    type=click.Path(file_okay=False),
+    help="Materialize each artifact as DIR/<last segment of its URL>.",
+)
+@click.option("--link", "link_mode", type=LINK_MODES, default="auto", show_default=True)
+@pass_ctx
+def fetch(ctx: _Context, file: str, jobs: int, dest: str | None, link_mode: str) -> None:
+    """Get every artifact a list FILE names, each digest downloaded once ('-' = stdin).
+
+    Lines: 'URL#SHA256', 'URL SHA256 [NAME]', or a conda @EXPLICIT file
+    (URL#MD5, URL#SHA256, URL#sha256:HEX). '#' starts a comment. The whole
+    list is checked before anything is downloaded; the exit status is the
+    worst failure's, after every item was tried.
+
+    Example: casstore fetch packages.txt -j 8 --dest ./pkgs
+    """
+    from .errors import BatchError
+    from .lists import read_list, report, requests_for
+
+    entries = read_list(file)
+    requests = requests_for(entries, dest)
+    with _batch_progress(ctx, len(requests)) as on_done:
+        outcomes = ctx.store.ensure_many(
+            requests, concurrency=jobs, link=link_mode, on_done=on_done
+        )
+    doc = report(entries, outcomes)
+    log = logging.getLogger("casstore")
+    for item, out in zip(doc["items"], outcomes, strict=True):
+        if isinstance(out, CasError):
+            log.error("%s:%d: %s", file, item["line"], out)
+    _emit(ctx, doc, "\n".join(i["dest"] or i["path"] for i in doc["items"] if i["path"]))
+    if doc["failed"]:
+        raise BatchError(
+            f"{doc['failed']} of {doc['count']} items of {file} failed",
+            results=list(outcomes),
+        )
+
+
+def _batch_progress(ctx: _Context, total: int):
+    """One overall progress display on a terminal; a no-op in pipes, with --json or -q."""
+    quiet = logging.getLogger("casstore").getEffectiveLevel() > logging.WARNING
+    if ctx.json or quiet or total < 2 or not sys.stderr.isatty():
+        return contextlib.nullcontext(None)
+    return _rich_progress(total)
+
+
+@contextlib.contextmanager
+def _rich_progress(total: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        "fetching",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("fetch", total=total)
+        yield lambda _i, _outcome: progress.advance(task)
 
 
 @cli.command()

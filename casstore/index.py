@@ -214,7 +214,10 @@ class Index:
     @contextlib.contextmanager
     def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
         conn = conn or self.conn
-        conn.execute("BEGIN IMMEDIATE")
+        # The busy timeout covers the wait for the write lock; a few busy states
+        # (a WAL being recovered or reset by another process) answer at once,
+        # so those are retried here rather than shown as "database is locked".
+        _retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             yield conn
         except BaseException:

@@ -339,7 +339,7 @@ class Store:
         mode = parse_mode(link)
         loop = asyncio.get_running_loop()
         flights = self._aflights.setdefault(loop, {})
-        key = _flight_key(req, req.sha256 or req.md5)
+        key = _flight_key(req, req.sha256)
         task = flights.get(key)
         leader = task is None
         if task is None:
@@ -390,17 +390,19 @@ class Store:
         requests: Iterable[Request | tuple[str, str] | str],
         *,
         concurrency: int = 8,
+        link: str | LinkMode = LinkMode.AUTO,
     ) -> list[Path]:
-        """``get`` each request, ``concurrency`` at a time; paths in request order.
+        """``get`` each request, ``concurrency`` at a time; paths (or dests) in request order.
 
-        Each digest is downloaded once however often it is asked for.
+        Each digest is downloaded once however often it is asked for; all
+        downloads share one connection pool.  Blocks; safe from many threads.
 
         Raises:
             InvalidInput: a malformed request (before anything is downloaded).
             BatchError: after every item was tried, if any failed; ``results``
                 holds a Path or a CasError per request.
         """
-        outcomes = self.ensure_many(requests, concurrency=concurrency)
+        outcomes = self.ensure_many(requests, concurrency=concurrency, link=link)
         results = [o if isinstance(o, CasError) else (o.dest or o.path) for o in outcomes]
         failed = [r for r in results if isinstance(r, CasError)]
         if failed:
@@ -420,8 +422,13 @@ class Store:
     ) -> list[Artifact | CasError]:
         """``ensure`` each request; an Artifact or the CasError per request, in order.
 
-        ``on_done(i, outcome)`` is called from the worker thread as request ``i``
-        finishes (for progress displays).
+        Requests are grouped by digest (else md5, else URL) up front: a group
+        runs in one worker, its first request downloads and the rest are hits
+        that only record names and materialize their ``dest``.  A download
+        that failed (DownloadError, IntegrityFailure) is the answer for the
+        group's other requests from the same sources too, without asking the
+        origin again; other errors (a bad ``dest``) stay with their item.  ``on_done(i, outcome)``
+        is called from worker threads as each item finishes.
 
         Raises:
             InvalidInput: a malformed request, before anything is downloaded.
@@ -430,18 +437,36 @@ class Store:
 
         reqs = [_coerce(r) for r in requests]
         mode = parse_mode(link)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(reqs):
+            groups.setdefault(_flight_key(req, req.sha256), []).append(i)
+        results: list[Artifact | CasError | None] = [None] * len(reqs)
 
-        def one(i: int, req: Request) -> Artifact | CasError:
-            try:
-                outcome: Artifact | CasError = self.ensure(req, link=mode)
-            except CasError as exc:
-                outcome = exc
-            if on_done is not None:
-                on_done(i, outcome)
-            return outcome
+        def run_group(indices: list[int]) -> None:
+            failed: dict[tuple[str, ...], CasError] = {}
+            for i in indices:
+                req = reqs[i]
+                sources = (req.url, *req.mirrors)
+                outcome: Artifact | CasError
+                if sources in failed:
+                    outcome = failed[sources]
+                else:
+                    try:
+                        outcome = self.ensure(req, link=mode)
+                    except (DownloadError, IntegrityFailure) as exc:
+                        outcome = failed[sources] = exc  # the source's fault: shared
+                    except CasError as exc:
+                        outcome = exc  # e.g. this item's dest: its own
+                results[i] = outcome
+                if on_done is not None:
+                    on_done(i, outcome)
 
-        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            return list(pool.map(one, range(len(reqs)), reqs))
+        if reqs:
+            workers = max(1, min(concurrency, len(groups)))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casstore") as pool:
+                for future in [pool.submit(run_group, g) for g in groups.values()]:
+                    future.result()
+        return results  # type: ignore[return-value]
 
     # -- put -----------------------------------------------------------------
 
@@ -729,8 +754,13 @@ class Store:
 
 
 def _flight_key(req: Request, known: str | None) -> str:
-    """The single-flight key: the digest when known, else the (redacted) URL's hash."""
-    return known or "url-" + hashlib.sha256(redact(req.url).encode()).hexdigest()
+    """The single-flight key: the digest when known, else the md5 (one lock per
+    content, whichever mirror serves it), else the (redacted) URL's hash."""
+    if known is not None:
+        return known
+    if req.md5 is not None:
+        return "md5-" + req.md5
+    return "url-" + hashlib.sha256(redact(req.url).encode()).hexdigest()
 
 
 def _all_failed(req: Request, failures: list[CasError]) -> CasError:

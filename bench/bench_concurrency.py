@@ -1,0 +1,341 @@
+"""Concurrency benchmarks for casstore (issue 3), against peers in one run.
+
+1. 16 processes ``casstore get`` the same 256 MiB artifact at once from a local
+   origin: bytes the origin served / artifact size (target 1.0), and wall time
+   against a single ``casstore get`` (target <= 1.3x).
+2. 1,000 files of 4 KiB: ``Store.get_many``, ``casstore fetch -j 8``,
+   ``pooch.retrieve`` in a loop and ``curl -K`` (one process, keep-alive), in
+   files/s (target >= 1,500 files/s and >= 3x pooch).
+3. The write path alone for those 1,000 files, per-object durability (fsync
+   temp, link, unlink, fsync dir, index row) against the same order with the
+   temps synced as a batch first (git's core.fsyncMethod=batch idea).
+
+The origin (tests/origin.py) runs in its own process, fresh for each
+contestant, on 127.0.0.1.  Stores go in --dir (default: a temp dir on the
+disk that holds /tmp, since fsync costs are part of what is measured).
+
+    .venv/bin/pip install -e '.[test,bench]'
+    .venv/bin/python bench/bench_concurrency.py [--size-mib 256] [--files 1000] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import multiprocessing as mp
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _serve(conn, spec: dict) -> None:
+    """Child process: an Origin with the routes in ``spec``; answers 'stats' on the pipe."""
+    from tests.origin import Origin
+
+    origin = Origin()
+    digests = {}
+    for path, (size, seed) in spec.items():
+        rng = random.Random(seed)
+        data = b"".join(rng.randbytes(min(1 << 20, size - i)) for i in range(0, size, 1 << 20))
+        origin.add(path, data, chunk=1 << 20)
+        digests[path] = hashlib.sha256(data).hexdigest()
+    conn.send((origin.base, digests))
+    while True:
+        cmd = conn.recv()
+        if cmd == "stats":
+            reqs = origin.requests()
+            conn.send((len([r for r in reqs if r.method == "GET"]), origin.bytes_sent()))
+        else:
+            origin.close()
+            conn.send("bye")
+            return
+
+
+@contextmanager
+def origin_process(spec: dict):
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve, args=(child, spec), daemon=True)
+    proc.start()
+    if not parent.poll(300):
+        proc.kill()
+        raise SystemExit("the origin process did not start")
+    base, digests = parent.recv()
+
+    def stats() -> tuple[int, int]:
+        parent.send("stats")
+        return parent.recv()
+
+    try:
+        yield base, digests, stats
+    finally:
+        parent.send("stop")
+        parent.recv()
+        proc.join(10)
+
+
+def _cli(*args: str, store: Path) -> list[str]:
+    return [sys.executable, "-m", "casstore", "--store", str(store), *args]
+
+
+def bench_single_flight(workdir: Path, size_mib: int, procs: int) -> None:
+    size = size_mib << 20
+    print(f"\n== {procs} processes get one {size_mib} MiB artifact at once ==")
+    with origin_process({"/big.bin": (size, 1)}) as (base, digests, stats):
+        url, digest = base + "/big.bin", digests["/big.bin"]
+        store = workdir / "single"
+        t0 = time.perf_counter()
+        subprocess.run(
+            _cli("-q", "get", url, "--sha256", digest, store=store),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        single = time.perf_counter() - t0
+        _, served_single = stats()
+        shutil.rmtree(store)
+
+        store = workdir / "many"
+        t0 = time.perf_counter()
+        running = [
+            subprocess.Popen(
+                _cli("-q", "get", url, "--sha256", digest, store=store),
+                stdout=subprocess.DEVNULL,
+            )
+            for _ in range(procs)
+        ]
+        codes = [p.wait() for p in running]
+        many = time.perf_counter() - t0
+        requests, served = stats()
+        # The floor: the same processes when every one is a cache hit (start-up alone).
+        t0 = time.perf_counter()
+        hits = [
+            subprocess.Popen(
+                _cli("-q", "get", url, "--sha256", digest, store=store),
+                stdout=subprocess.DEVNULL,
+            )
+            for _ in range(procs)
+        ]
+        codes += [p.wait() for p in hits]
+        floor = time.perf_counter() - t0
+        shutil.rmtree(store)
+    served -= served_single
+    print(f"single get               {single:6.2f} s")
+    ratio = many / single
+    print(f"{procs} gets at once          {many:6.2f} s   ({ratio:.2f}x single; target <= 1.3x)")
+    print(f"{procs} cache hits at once     {floor:6.2f} s   (process start-up on this machine)")
+    print(f"(many - hits) / single   {(many - floor) / single:6.2f}x")
+    print(
+        f"bytes served / size      {served / size:6.2f}     (requests: {requests - 1}; target 1.0)"
+    )
+    print(f"exit codes               {sorted(set(codes))}")
+
+
+def bench_small_files(workdir: Path, n: int, file_size: int) -> None:
+    print(f"\n== {n} files of {file_size} B ==")
+    spec = {f"/s/{i}.bin": (file_size, 1000 + i) for i in range(n)}
+    results: dict[str, float] = {}
+
+    def run(label: str, fn) -> None:
+        with origin_process(spec) as (base, digests, stats):
+            items = [(f"{base}{p}", digests[p]) for p in spec]
+            elapsed = fn(items)
+            requests, _ = stats()
+        assert requests == n, f"{label}: {requests} requests for {n} files"
+        results[label] = n / elapsed
+        print(f"{label:28s} {elapsed:6.2f} s  {n / elapsed:8.0f} files/s")
+
+    def get_many(items) -> float:
+        from casstore import Store
+
+        store = Store(workdir / "gm")
+        t0 = time.perf_counter()
+        store.get_many(items, concurrency=8)
+        elapsed = time.perf_counter() - t0
+        store.close()
+        shutil.rmtree(workdir / "gm")
+        return elapsed
+
+    def cli_fetch(items) -> float:
+        listing = workdir / "list.txt"
+        listing.write_text("".join(f"{u}#{d}\n" for u, d in items))
+        t0 = time.perf_counter()
+        subprocess.run(
+            _cli("-q", "fetch", str(listing), "-j", "8", store=workdir / "cf"),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        elapsed = time.perf_counter() - t0
+        shutil.rmtree(workdir / "cf")
+        return elapsed
+
+    def pooch_loop(items) -> float:
+        import logging
+
+        import pooch
+
+        pooch.get_logger().setLevel(logging.WARNING)
+        out = workdir / "pooch"
+        t0 = time.perf_counter()
+        for i, (u, d) in enumerate(items):
+            pooch.retrieve(
+                u, known_hash=f"sha256:{d}", fname=f"{i}.bin", path=out, progressbar=False
+            )
+        elapsed = time.perf_counter() - t0
+        shutil.rmtree(out)
+        return elapsed
+
+    def curl_k(items) -> float:
+        out = workdir / "curl"
+        out.mkdir()
+        config = workdir / "curl.cfg"
+        config.write_text(
+            "".join(f'url = "{u}"\noutput = "{out}/{i}.bin"\n' for i, (u, _) in enumerate(items))
+        )
+        t0 = time.perf_counter()
+        subprocess.run(["curl", "-s", "-K", str(config)], check=True)
+        elapsed = time.perf_counter() - t0
+        shutil.rmtree(out)
+        return elapsed
+
+    run("Store.get_many (8 threads)", get_many)
+    run("casstore fetch -j 8", cli_fetch)
+    run("pooch.retrieve loop", pooch_loop)
+    if shutil.which("curl"):
+        run("curl -K (keep-alive)", curl_k)
+    pooch_rate = results["pooch.retrieve loop"]
+    for label in ("Store.get_many (8 threads)", "casstore fetch -j 8"):
+        print(
+            f"{label} / pooch: {results[label] / pooch_rate:.1f}x (target >= 3x, >= 1500 files/s)"
+        )
+    if "curl -K (keep-alive)" in results:
+        ratio = results["Store.get_many (8 threads)"] / results["curl -K (keep-alive)"]
+        print(f"get_many / curl -K: {ratio:.2f}x")
+
+
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+
+def _sync_file_range(fd: int, flags: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    if libc.sync_file_range(fd, 0, 0, flags) != 0:
+        raise OSError(ctypes.get_errno(), "sync_file_range failed")
+
+
+def bench_batched_fsync(workdir: Path, n: int, file_size: int) -> None:
+    """Publish n small objects: per-object durability vs temps synced in one batch.
+
+    Both keep SPEC §1's order per object: the temp's bytes are durable before
+    link(temp, object); the temp is unlinked and the object's directory fsynced
+    before the index row commits.  The batch variant only reorders *between*
+    objects: every temp is written, then all are synced, then all published,
+    then the directories synced once each, then one index transaction.
+    """
+    from casstore.index import Index
+    from casstore.ingest import Ingest, fsync_dir
+    from casstore.layout import OBJECT_MODE, Layout
+
+    print(f"\n== write path, {n} objects of {file_size} B (durability order kept) ==")
+    blobs = [random.Random(5000 + i).randbytes(file_size) for i in range(n)]
+
+    def per_object() -> float:
+        layout = Layout(workdir / "po")
+        index = Index(layout)
+        index.conn  # noqa: B018  open (and migrate) outside the timing
+        t0 = time.perf_counter()
+        for data in blobs:
+            with Ingest(layout) as ingest:
+                ingest.write(data)
+                p = ingest.commit()
+            index.record_object(p.sha256, p.size, blake3=p.blake3)
+        elapsed = time.perf_counter() - t0
+        index.close()
+        shutil.rmtree(layout.root)
+        return elapsed
+
+    def batched() -> float:
+        layout = Layout(workdir / "ba")
+        index = Index(layout)
+        index.conn  # noqa: B018
+        t0 = time.perf_counter()
+        ingests = []
+        for data in blobs:
+            ingest = Ingest(layout)
+            ingest.write(data)
+            ingests.append(ingest)
+        # 1. make every temp durable, git's core.fsyncMethod=batch way: write
+        # back each file's pages without a disk-cache flush, wait for them,
+        # then one fsync whose flush covers them all.
+        for ing in ingests:
+            os.fchmod(ing._fd, OBJECT_MODE)
+            _sync_file_range(ing._fd, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+        os.fsync(ingests[-1]._fd)
+        for ing in ingests:
+            os.close(ing._fd)
+            ing._fd = None
+        # 2. link, unlink (EEXIST = success), 3. fsync each directory once
+        dirs = set()
+        rows = []
+        for ing in ingests:
+            h = ing.hasher
+            obj = layout.object_path(h.sha256)
+            obj.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(ing.temp, obj)
+                dirs.add(obj.parent)
+            except FileExistsError:
+                pass
+            os.unlink(ing.temp)
+            rows.append((h.sha256, h.size, h.blake3))
+        for d in dirs:
+            fsync_dir(d)
+        # 4. the index rows, after the objects are durable
+        for sha, size, b3 in rows:
+            index.record_object(sha, size, blake3=b3)
+        elapsed = time.perf_counter() - t0
+        index.close()
+        shutil.rmtree(layout.root)
+        return elapsed
+
+    a, b = per_object(), batched()
+    print(f"per object (fsync each)  {a:6.2f} s  {n / a:8.0f} objects/s")
+    print(f"batched temp sync        {b:6.2f} s  {n / b:8.0f} objects/s  ({a / b:.2f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--procs", type=int, default=16)
+    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--file-size", type=int, default=4096)
+    parser.add_argument("--dir", help="where the stores go (default: a temp dir under /tmp)")
+    parser.add_argument("--only", choices=["flight", "small", "fsync"])
+    args = parser.parse_args()
+    base = Path(args.dir) if args.dir else Path(tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="casstore-bench-", dir=base))
+    print(f"stores in {workdir} (python {sys.version.split()[0]}, {os.cpu_count()} cpus)")
+    try:
+        if args.only in (None, "flight"):
+            bench_single_flight(workdir, args.size_mib, args.procs)
+        if args.only in (None, "small"):
+            bench_small_files(workdir, args.files, args.file_size)
+        if args.only in (None, "fsync"):
+            bench_batched_fsync(workdir, args.files, args.file_size)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

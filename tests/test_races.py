@@ -1,0 +1,235 @@
+"""Many threads and processes on one store at once (SPEC §1 invariant 6, §4).
+
+Workers are real processes (tests/workers.py) released together by a file
+they all wait for; the origin counts what it served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from casstore import BatchError, DownloadError, Request, Store
+from casstore.locks import single_flight
+
+from .conftest import assert_store_consistent, blob, sha
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _start_together(tmp_path: Path, specs: list[dict], env: dict | None = None) -> list[dict]:
+    """Run one worker per spec, released at the same moment; their JSON results."""
+    go = tmp_path / "go"
+    procs = []
+    for i, spec in enumerate(specs):
+        spec = {**spec, "ready": str(tmp_path / f"ready-{i}"), "go": str(go)}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.workers", json.dumps(spec)],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={**os.environ, **(env or {})},
+            )
+        )
+    try:
+        readies = [tmp_path / f"ready-{i}" for i in range(len(specs))]
+        deadline = time.monotonic() + 60
+        while not all(r.exists() for r in readies):
+            assert all(p.poll() is None for p in procs), "a worker died before the barrier"
+            assert time.monotonic() < deadline, "workers never got ready"
+            time.sleep(0.005)
+        go.touch()
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=90)
+            assert b"database is locked" not in err, err.decode()
+            assert p.returncode == 0, f"worker failed ({p.returncode}): {out!r} {err.decode()}"
+            results.append(json.loads(out))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _artifacts(origin, n: int, size: int = 300_000) -> list[tuple[str, str]]:
+    out = []
+    for i in range(n):
+        data = blob(size, seed=100 + i)
+        out.append((origin.add(f"/art-{i}.bin", data), sha(data)))
+    return out
+
+
+def test_threads_of_one_process_exclude_each_other(store, store_dir):
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with single_flight(store.layout, "k", label="thing") as got:
+            assert got
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(30)
+    messages: list[str] = []
+    # A second thread is refused while the first holds the lock, and says so.
+    with single_flight(
+        store.layout, "k", label="thing", timeout=1.2, on_wait=messages.append
+    ) as got:
+        assert not got
+    assert messages[0] == "waiting for another process to fetch thing"
+    assert "not granted after 1.2s" in messages[1]
+    release.set()
+    t.join()
+    with single_flight(store.layout, "k", label="thing", timeout=5) as got:
+        assert got
+    assert (store_dir / "locks" / "k.lock").exists()  # never unlinked
+
+
+def test_processes_and_threads_fetch_each_url_once(tmp_path, store_dir, origin):
+    arts = _artifacts(origin, 4)
+    spec = {"job": "get_threads", "store": str(store_dir), "threads": 4, "requests": arts}
+    results = _start_together(tmp_path, [{**spec, "seed": i} for i in range(8)])
+    for (url, digest), i in zip(arts, range(4), strict=True):
+        assert origin.count(f"/art-{i}.bin") == 1, url
+        obj = Store(store_dir).layout.object_path(digest)
+        assert sum(r["paths"].count(str(obj)) for r in results) == 8 * 4
+    assert_store_consistent(store_dir)
+
+
+def test_lying_lock_wastes_bandwidth_but_stays_correct(tmp_path, store_dir, origin):
+    arts = _artifacts(origin, 4)
+    spec = {"job": "get_threads", "store": str(store_dir), "threads": 2, "requests": arts}
+    _start_together(
+        tmp_path, [{**spec, "seed": i} for i in range(8)], env={"CASSTORE_LOCK_TIMEOUT": "0"}
+    )
+    assert not (store_dir / "locks").exists() or not os.listdir(store_dir / "locks")
+    for i in range(4):
+        assert origin.count(f"/art-{i}.bin") >= 1
+    assert_store_consistent(store_dir)
+
+
+def test_random_operations_leave_the_store_consistent(tmp_path, store_dir, origin):
+    arts = _artifacts(origin, 4, size=20_000)
+    blobs = [blob(5_000, seed=200 + i) for i in range(4)]
+    specs = [
+        {
+            "job": "random_ops",
+            "store": str(store_dir),
+            "seed": i,
+            "count": 200,
+            "requests": arts,
+            "blobs": [b.hex() for b in blobs],
+            "blob_digests": [sha(b) for b in blobs],
+            "dest_dir": str(tmp_path / f"dest-{i}"),
+        }
+        for i in range(4)
+    ]
+    _start_together(tmp_path, specs)
+    store = Store(store_dir)
+    # An `rm` racing a get can leave a row whose object is gone; SPEC §1.3 has
+    # such rows treated as a miss and healed on use, which resolve() does.
+    for row in store.ls():
+        if not row.path.exists():
+            with pytest.raises(Exception, match="no object matches"):
+                store.resolve(row.sha256)
+    store.close()
+    assert_store_consistent(store_dir)
+
+
+def test_sixteen_writers_never_see_database_locked(tmp_path, store_dir):
+    specs = [
+        {"job": "put_many", "store": str(store_dir), "seed": i, "count": 60} for i in range(16)
+    ]
+    _start_together(tmp_path, specs)
+    store = Store(store_dir)
+    assert store.stats().names == 16 * 60
+    store.close()
+    assert_store_consistent(store_dir)
+
+
+def test_get_many_downloads_each_digest_once_and_reports_every_failure(store, store_dir, origin):
+    a, b = blob(50_000, seed=1), blob(60_000, seed=2)
+    ua, ub = origin.add("/a.bin", a), origin.add("/b.bin", b)
+    missing = origin.url("/missing.bin")
+    requests = [
+        Request(ua, sha256=sha(a)),
+        (ub, sha(b)),
+        Request(ua, sha256=sha(a), dest=str(store_dir.parent / "out" / "a.bin")),
+        Request(missing, sha256=sha(b"nope")),
+        Request(ua, sha256=sha(a), name="a-again"),
+        Request(missing, sha256=sha(b"nope")),
+        (ub, sha(b)),
+    ]
+    with pytest.raises(BatchError) as info:
+        store.get_many(requests, concurrency=4)
+    results = info.value.results
+    assert info.value.exit_code == DownloadError.exit_code
+    assert origin.count("/a.bin") == 1 and origin.count("/b.bin") == 1
+    assert origin.count("/missing.bin") == 1  # the duplicate shares the failure
+    obj_a, obj_b = store.layout.object_path(sha(a)), store.layout.object_path(sha(b))
+    assert results[0] == obj_a and results[1] == obj_b and results[4] == obj_a
+    assert results[6] == obj_b
+    assert results[2] == store_dir.parent / "out" / "a.bin"
+    assert results[2].stat().st_ino == obj_a.stat().st_ino
+    assert isinstance(results[3], DownloadError) and results[5] is results[3]
+    assert store.info("a-again").sha256 == sha(a)
+    assert store.get_many([(ua, sha(a)), (ub, sha(b))]) == [obj_a, obj_b]
+    assert_store_consistent(store_dir)
+
+
+@pytest.mark.parametrize("mode", ["auto", "copy", "symlink"])
+def test_many_threads_materialize_one_dest(store, store_dir, tmp_path, mode):
+    digest = store.put(blob(100_000, seed=7))
+    dest = tmp_path / "out" / "pkg.conda"
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        barrier.wait(30)
+        for _ in range(25):
+            try:
+                store.link(digest, dest, link=mode)
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    obj = store.layout.object_path(digest)
+    if mode == "auto":
+        assert dest.stat().st_ino == obj.stat().st_ino
+    elif mode == "symlink":
+        assert os.readlink(dest) == str(obj)
+    assert sha(dest.read_bytes()) == digest
+    assert os.listdir(dest.parent) == ["pkg.conda"]  # no temp left beside it
+    assert_store_consistent(store_dir)
+
+
+def test_get_many_keeps_a_bad_dest_to_its_own_item(store, store_dir, tmp_path, origin):
+    data = blob(10_000, seed=3)
+    url = origin.add("/c.bin", data)
+    taken = tmp_path / "taken.bin"
+    taken.write_bytes(b"other content")
+    outcomes = store.ensure_many(
+        [Request(url, sha256=sha(data), dest=str(taken)), Request(url, sha256=sha(data))]
+    )
+    assert "exists with other content" in str(outcomes[0])
+    assert outcomes[1].path == store.layout.object_path(sha(data))
+    assert taken.read_bytes() == b"other content" and origin.count("/c.bin") == 1
+    assert_store_consistent(store_dir)
