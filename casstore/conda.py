@@ -245,28 +245,17 @@ def _is_explicit(text: str) -> bool:
 
 
 def parse_explicit(text: str, *, label: str = "<explicit>") -> list[CondaPackage]:
-    """The packages of an ``@EXPLICIT`` file, each line checked.
+    """The packages of an ``@EXPLICIT`` file, each line checked (grammar in lists.py).
 
     Raises:
         InvalidInput: a line without a hash, with a malformed one, or not a conda archive URL.
     """
-    packages = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#") or line == "@EXPLICIT":
-            continue
-        where = f"{label}:{number}"
-        url, _, digest = line.partition("#")
-        url = url.strip()
-        digest = digest.strip()
-        md5 = sha256 = None
-        if not digest:
-            raise InvalidInput(f"{where}: no hash after the URL (expected URL#<md5 or sha256>)")
-        if digest.lower().startswith("sha256:") or len(digest) == 64:
-            sha256 = _checked(parse_sha256, digest, where)
-        else:
-            md5 = _checked(parse_md5, digest, where)
-        packages.append(_package(url, where, md5=md5, sha256=sha256))
+    from .lists import parse_explicit_lines
+
+    packages = [
+        _package(e.url, f"{label}:{e.line}", md5=e.md5, sha256=e.sha256)
+        for e in parse_explicit_lines(text.splitlines(), source=label)
+    ]
     return _unique(packages, label)
 
 

@@ -435,8 +435,8 @@ BAD_LOCKS = {
         ),
         "invalid md5",
     ),
-    "explicit-no-hash": (f"@EXPLICIT\n{GOOD}\n", ":2: no hash"),
-    "explicit-short-hash": (f"@EXPLICIT\n{GOOD}#{MD5[:-1]}\n", ":2: invalid md5"),
+    "explicit-no-hash": (f"@EXPLICIT\n{GOOD}\n", ":2: http"),
+    "explicit-short-hash": (f"@EXPLICIT\n{GOOD}#{MD5[:-1]}\n", ":2: invalid digest"),
     "explicit-not-a-package": (
         f"@EXPLICIT\nhttps://example.org/x-1.0-py3-none-any.whl#{MD5}\n",
         "not a conda package",
