@@ -7,7 +7,6 @@ Exit codes are decided once, in ``main()``, from the error's class.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -197,9 +196,11 @@ def fetch(ctx: _Context, file: str, jobs: int, dest: str | None, link_mode: str)
 
     entries = read_list(file)
     requests = requests_for(entries, dest)
-    with _batch_progress(ctx, len(requests)) as on_done:
+    from .progress import tally
+
+    with tally("fetch", len(requests), enabled=ctx.show_progress and len(requests) > 1) as advance:
         outcomes = ctx.store.ensure_many(
-            requests, concurrency=jobs, link=link_mode, on_done=on_done
+            requests, concurrency=jobs, link=link_mode, on_done=lambda _i, _out: advance(1)
         )
     doc = report(entries, outcomes)
     log = logging.getLogger("casstore")
@@ -212,31 +213,6 @@ def fetch(ctx: _Context, file: str, jobs: int, dest: str | None, link_mode: str)
             f"{doc['failed']} of {doc['count']} items of {file} failed",
             results=list(outcomes),
         )
-
-
-def _batch_progress(ctx: _Context, total: int):
-    """One overall progress display on a terminal; a no-op in pipes, with --json or -q."""
-    quiet = logging.getLogger("casstore").getEffectiveLevel() > logging.WARNING
-    if ctx.json or quiet or total < 2 or not sys.stderr.isatty():
-        return contextlib.nullcontext(None)
-    return _rich_progress(total)
-
-
-@contextlib.contextmanager
-def _rich_progress(total: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress(
-        "fetching",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as progress:
-        task = progress.add_task("fetch", total=total)
-        yield lambda _i, _outcome: progress.advance(task)
 
 
 @cli.command()
@@ -441,32 +417,6 @@ def rm(ctx: _Context, ref: str, force: bool) -> None:
     _emit(ctx, {"ref": ref, "removed": what}, f"removed {what} {ref}")
 
 
-class _Progress:
-    """A one-line byte counter on a terminal's stderr, redrawn at most 5 times a second."""
-
-    def __init__(self, label: str) -> None:
-        import threading
-        import time
-
-        self.label, self.bytes, self.items = label, 0, 0
-        self._lock, self._clock, self._shown = threading.Lock(), time.monotonic, 0.0
-
-    def __call__(self, n: int) -> None:
-        with self._lock:  # fast verify reports from several threads
-            self.bytes += n
-            self.items += 1
-            now = self._clock()
-            if now - self._shown >= 0.2:
-                self._shown = now
-                sys.stderr.write(f"\r{self.label}: {self.items} objects, {_size_text(self.bytes)}")
-                sys.stderr.flush()
-
-    def done(self) -> None:
-        if self._shown:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-
-
 @cli.command()
 @click.option("--max-size", help="Evict least recently used objects until the store fits (10GB).")
 @click.option("--older-than", help="Evict objects unused for this long (30d, 12h, seconds).")
@@ -508,15 +458,11 @@ def verify(ctx: _Context, fast: bool, repair: bool) -> None:
     Example: casstore verify --fast --repair
     """
     from .errors import CorruptObject
+    from .progress import tally
 
     log = logging.getLogger("casstore")
-    show = sys.stderr.isatty() and not ctx.json and log.isEnabledFor(logging.WARNING)
-    progress = _Progress("verify") if show else None
-    try:
-        report = ctx.store.verify(fast=fast, repair=repair, progress=progress)
-    finally:
-        if progress is not None:
-            progress.done()
+    with tally("verify", enabled=ctx.show_progress, unit="bytes") as advance:
+        report = ctx.store.verify(fast=fast, repair=repair, progress=advance)
     fixed = " (repaired)" if repair else ""
     lines = [f"checked {report.objects} objects ({_size_text(report.bytes)})"]
     for sha in report.corrupt:
@@ -585,16 +531,15 @@ def conda_fetch(
     Example: casstore conda fetch pixi.lock --pkgs-dir ./pkgs -j 8 --platform linux-64
     """
     from . import conda as conda_
+    from .progress import tally
 
-    with _Progress(ctx, "conda packages") as progress:
-        report = conda_.fetch(
-            ctx.store,
-            lock,
-            pkgs_dir,
-            platform=platform,
-            environment=environment,
-            concurrency=jobs,
-            on_done=lambda _result, done, total: progress.update(done, total),
+    parsed = conda_.read_lock(lock, platform=platform, environment=environment)
+    for note in parsed.skipped:
+        logging.getLogger("casstore").info("skipped %s", note)
+    total = len(parsed.packages)
+    with tally("conda packages", total, enabled=ctx.show_progress) as advance:
+        report = conda_.fetch_packages(
+            ctx.store, parsed, pkgs_dir, concurrency=jobs, on_done=lambda *_: advance(1)
         )
     log = logging.getLogger("casstore")
     for failed in report.failed:
@@ -612,39 +557,6 @@ def conda_fetch(
             f"{len(report.failed)} of {len(report.results)} packages failed",
             results=[r.error or r.dest for r in report.results],
         )
-
-
-class _Progress:
-    """One overall bar on stderr, only on a terminal and never with --json or -q."""
-
-    def __init__(self, ctx: _Context, what: str) -> None:
-        self.enabled = (
-            sys.stderr.isatty()
-            and not ctx.json
-            and logging.getLogger("casstore").level <= logging.WARNING
-        )
-        self.what = what
-        self._bar: Any = None
-        self._task: Any = None
-
-    def update(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self._bar is None:
-            from rich.console import Console
-            from rich.progress import Progress
-
-            self._bar = Progress(console=Console(stderr=True), transient=True)
-            self._task = self._bar.add_task(self.what, total=total)
-            self._bar.start()
-        self._bar.update(self._task, completed=done)
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""A download progress bar on stderr, shown only once a download has taken a while.
+"""Progress on stderr: a bar per download shown once it has taken a while, and
+one overall display per batch (``tally``).
 
 The command line turns it on when stderr is a terminal and neither ``-q`` nor
 ``--json`` was given; fetch.py calls the bar after every chunk with the bytes
@@ -10,6 +11,8 @@ load it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # A bar for a download that ends within this many seconds would only flicker.
@@ -69,3 +72,33 @@ class Bar:
             self._progress.update(self._task, completed=self._done, total=self._total)
             self._progress.stop()
             self._progress = None
+
+
+@contextmanager
+def tally(
+    label: str, total: int | None = None, *, enabled: bool = True, unit: str = "items"
+) -> Iterator[Callable[[int], None]]:
+    """One overall display for a batch (fetch, conda fetch, verify); yields ``advance(n)``.
+
+    ``unit`` is "items" (n of total) or "bytes".  ``advance`` may be called
+    from several threads (rich's Progress takes its own lock).  Disabled, it
+    draws nothing and imports nothing.
+    """
+    if not enabled:
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    count = DownloadColumn() if unit == "bytes" else MofNCompleteColumn()
+    columns = (TextColumn("{task.description}"), BarColumn(), count, TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n=1: progress.advance(task, n)
