@@ -9,8 +9,8 @@ another tool).  Every run also removes what is provably dead:
   untouched for longer than a grace period; a temp is only removed while gc
   holds its flock, which a live writer holds for as long as it writes;
 - lock files in ``locks/`` nobody holds, unlinked while gc holds them (never
-  one someone holds or awaits: filelock#574; filelock drops a lock whose file
-  was unlinked under it and takes the new one);
+  one someone holds or awaits: filelock#574; locks.py re-checks after locking
+  that the path still names its inode, so a waiter on an unlinked file retries);
 - index rows of objects no longer on disk, link rows no longer live.
 
 Eviction (``older_than``, ``max_size``) re-checks each object right before

@@ -13,7 +13,7 @@ import pytest
 from .conftest import sha
 
 PACKAGE = Path(__file__).resolve().parent.parent / "casstore"
-HEAVY = ("httpx", "blake3", "sqlite_utils", "filelock", "rich", "yaml")
+HEAVY = ("httpx", "blake3", "sqlite_utils", "tenacity", "rich", "yaml")
 
 
 def _imports(path: Path) -> set[str]:
