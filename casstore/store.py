@@ -244,6 +244,8 @@ class Store:
 
     async def _adownload(self, req: Request) -> tuple[Published, str]:
         """``_download`` on the event loop's AsyncClient."""
+        import asyncio
+
         from .fetch import adownload
         from .ingest import Ingest
 
@@ -256,8 +258,13 @@ class Store:
                         fetched = await adownload(
                             url, ing, client=client, policy=policy, size=req.size
                         )
-                        published = ing.commit(
-                            sha256=req.sha256, size=req.size, md5=req.md5, source=redact(url)
+                        # fsync and publish block: keep them off the event loop.
+                        published = await asyncio.to_thread(
+                            ing.commit,
+                            sha256=req.sha256,
+                            size=req.size,
+                            md5=req.md5,
+                            source=redact(url),
                         )
                     return published, fetched.url
                 except (DownloadError, IntegrityFailure) as exc:
