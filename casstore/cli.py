@@ -112,7 +112,7 @@ def cli(
 )
 @click.option("--link", "link_mode", type=LINK_MODES, default="auto", show_default=True)
 @click.option("--md5", help="Also check this md5 in the same pass.")
-@click.option("--size", type=click.IntRange(min=0), help="Expected size in bytes.")
+@click.option("--size", help="Expected size (bytes, or with a unit: 12MB, 3MiB).")
 @click.option(
     "--retries",
     type=click.IntRange(min=0),
@@ -139,7 +139,7 @@ def get(
     dest: str | None,
     link_mode: str,
     md5: str | None,
-    size: int | None,
+    size: str | None,
     retries: int | None,
     timeout: float | None,
     headers: tuple[str, ...],
@@ -151,6 +151,7 @@ def get(
     Example: casstore get https://example.org/a.whl --sha256 <hex> -o ./a.whl
     """
     from .models import Request
+    from .units import parse_size
 
     if headers:
         from .fetch import parse_header
@@ -158,7 +159,15 @@ def get(
         ctx.store_options["headers"] = [parse_header(h) for h in headers]
     ctx.store_options.update(retries=retries, timeout=timeout, progress=ctx.show_progress)
     artifact = ctx.store.ensure(
-        Request(urls[0], sha256=sha256, name=name, mirrors=urls[1:], dest=dest, md5=md5, size=size),
+        Request(
+            urls[0],
+            sha256=sha256,
+            name=name,
+            mirrors=urls[1:],
+            dest=dest,
+            md5=md5,
+            size=None if size is None else parse_size(size),
+        ),
         link=link_mode,
     )
     _emit(ctx, artifact.as_dict(), str(artifact.dest or artifact.path))

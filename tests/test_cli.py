@@ -184,3 +184,15 @@ def test_fast_hit_path_matches_full_command_line(run_cli, origin, store_dir, tmp
     assert run_cli("get", "ftp://x/y", "--sha256", sha(data)).returncode == 2
     other = run_cli("--store", str(tmp_path / "empty"), "get", url, "--sha256", sha(data))
     assert other.returncode == 0 and origin.count("/fast") == 2
+
+
+def test_get_size_reads_units_and_a_wrong_size_is_never_published(run_cli, origin, store_dir):
+    data = blob(1024, seed=9)
+    url = origin.add("/kib", data)
+    wrong = run_cli("get", url, "--sha256", sha(data), "--size", "1KB")  # 1000 bytes
+    assert wrong.returncode == 3 and "size" in wrong.stderr.decode()
+    assert [p for p in (store_dir / "sha256").rglob("*") if p.is_file()] == []
+    assert run_cli("get", url, "--sha256", sha(data), "--size", "lots").returncode == 2
+    ok = run_cli("get", url, "--sha256", sha(data), "--size", "1KiB")
+    assert ok.returncode == 0, ok.stderr
+    assert_store_consistent(store_dir)
