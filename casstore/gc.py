@@ -15,10 +15,12 @@ another tool).  Every run also removes what is provably dead:
 
 Eviction (``older_than``, ``max_size``) re-checks each object right before
 deleting it: still unrooted, not used since the plan was made, and its inode
-unchanged since gc started (a fresh publish or a new hardlink moves ctime).
-A reader that loses the race anyway finds the object gone and fetches it
-again (Store.ensure, Store.link).  Object directories are never removed: a
-concurrent publish may have just created one.
+unchanged since gc looked at it (a new hardlink, even one already removed
+again, moves its ctime).  An object whose artifact lock is held is skipped: a
+get downloads, publishes and materializes under that lock.  A reader that
+loses the race anyway (a hit evicted between its look and its use) finds the
+object gone and fetches it again (Store.ensure, Store.link).  Object
+directories are never removed: a concurrent publish may have just created one.
 
 Uses index and layout only, never the Store.
 """
@@ -36,6 +38,7 @@ from .index import Index
 from .ingest import HOST, parse_temp_name, temp_name
 from .layout import Layout
 from .link import is_live
+from .locks import try_hold
 from .models import GcReport
 
 DEFAULT_TEMP_GRACE = 86400.0  # a temp untouched for a day is abandoned, whoever wrote it
@@ -55,6 +58,8 @@ class _Candidate:
     path: Path
     size: int
     last_used: float
+    # (inode, ctime_ns, nlink) when planned; any change since means someone used it.
+    seen: tuple[int, int, int]
 
 
 def collect(
@@ -76,7 +81,6 @@ def collect(
     treated as in use.  Safe beside any number of readers and writers.
     """
     start = time.time()
-    started = _inode_clock_tick()
     report = GcReport(dry_run=dry_run)
     if not layout.root.is_dir():
         return report
@@ -117,7 +121,8 @@ def collect(
         used = row["last_used"] if row is not None else st.st_mtime
         if used > start - in_use_window:
             continue
-        candidates.append(_Candidate(sha, path, st.st_size, used))
+        seen = (st.st_ino, st.st_ctime_ns, st.st_nlink)
+        candidates.append(_Candidate(sha, path, st.st_size, used, seen))
     candidates.sort(key=lambda c: (c.last_used, c.sha256))  # least recently used first
 
     victims: list[_Candidate] = []
@@ -139,11 +144,17 @@ def collect(
 
     gone: list[str] = []
     for c in victims:
-        if not _still_evictable(c, layout, index, started=started, in_use=in_use_window):
-            continue
-        if not dry_run:
-            if not _evict(c.path, layout):
+        if dry_run:
+            if not _still_evictable(c, index, in_use=in_use_window):
                 continue
+        else:
+            # A get holds the artifact's lock from download to materialized
+            # destination: never evict under it.
+            with try_hold(layout, c.sha256) as free:
+                if not free or not _still_evictable(c, index, in_use=in_use_window):
+                    continue
+                if not _evict(c.path, layout):
+                    continue
             gone.append(c.sha256)
         report.objects_evicted += 1
         report.bytes_freed += c.size
@@ -156,16 +167,17 @@ def collect(
     return report
 
 
-def _still_evictable(
-    c: _Candidate, layout: Layout, index: Index, *, started: float, in_use: float
-) -> bool:
+def _still_evictable(c: _Candidate, index: Index, *, in_use: float) -> bool:
     """Re-check one object right before deleting it (others kept working meanwhile)."""
     try:
         st = c.path.stat()
     except FileNotFoundError:
         return False
-    # A new hardlink (nlink) or a publish or link since gc began (ctime) means in use.
-    if st.st_nlink > 1 or st.st_ctime >= started:
+    # Compared with gc's own earlier stat, not with a clock: file times come
+    # from a coarse clock that userspace cannot match exactly (ext4 on newer
+    # kernels even stamps some changes finer than it), so "changed since gc
+    # began" by timestamps misjudged objects touched just before gc ran.
+    if st.st_nlink > 1 or (st.st_ino, st.st_ctime_ns, st.st_nlink) != c.seen:
         return False
     row = index.get_object(c.sha256)
     # Pinned, or used since the plan was made (a row that appeared counts too),
@@ -200,24 +212,6 @@ def _evict(path: Path, layout: Layout) -> bool:
     finally:
         os.unlink(aside)
     return False
-
-
-def _inode_clock_tick() -> float:
-    """The start of a fresh tick of the clock the kernel stamps ctime with.
-
-    File times come from a coarse clock (a jiffy, ~4 ms, behind time.time()),
-    so "changed since gc began" is only exact on that clock: wait for it to
-    tick once, then anything stamped at or after the new tick happened after
-    this call began, and anything before it is older.
-    """
-    coarse = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # 5 on Linux; absent from Python 3.11
-    try:
-        first = time.clock_gettime(coarse)
-    except OSError:  # not Linux: the fine clock, less a generous jiffy
-        return time.time() - 0.05
-    while (now := time.clock_gettime(coarse)) == first:
-        time.sleep(0.0005)
-    return now
 
 
 # -- temps and locks -----------------------------------------------------------

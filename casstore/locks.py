@@ -71,6 +71,26 @@ def single_flight(
             os.close(fd)  # closing the only descriptor releases the flock
 
 
+@contextmanager
+def try_hold(layout: Layout, key: str) -> Iterator[bool]:
+    """Take the lock for ``key`` if nobody holds it, without waiting; yields whether held.
+
+    gc holds an artifact's lock while it evicts the object, and skips it when
+    someone else holds it: a get publishes and materializes under that lock.
+    """
+    try:
+        fd = _try_lock(layout.lock_path(key))
+    except OSError:
+        fd = None  # no lock to be had here: only the retries protect the getter
+        yield True
+        return
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def _acquire(path: Path, *, label: str, timeout: float, on_wait) -> int | None:
     """Poll for the lock up to ``timeout`` seconds, announcing a long wait; its fd or None."""
     start = time.monotonic()

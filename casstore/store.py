@@ -142,26 +142,24 @@ class Store:
         req = _coerce(request)
         mode = parse_mode(link)
         for _ in range(3):
-            sha = self._ensure(req)
-            path = self.layout.object_path(sha)
             try:
-                size = path.stat().st_size
-                if req.dest is None:
-                    return Artifact(sha256=sha, size=size, path=path)
-                linked = self._link(sha, Path(req.dest), mode, force=False)
+                return self._ensure(req, mode)
             except FileNotFoundError:
-                continue  # gc evicted the object between publish and use: fetch again
-            return Artifact(
-                sha256=sha, size=size, path=path, dest=linked.dest, method=linked.method
-            )
+                continue  # gc evicted a hit between the look and the use: fetch it
         raise CasError(f"object for {redact(req.url)} kept vanishing", url=redact(req.url))
 
-    def _ensure(self, req: Request) -> str:
-        """The sha256 of ``req``'s object, downloading it if the store lacks it."""
+    def _ensure(self, req: Request, mode: LinkMode) -> Artifact:
+        """``req``'s object, downloaded if the store lacks it, and materialized.
+
+        Raises FileNotFoundError if gc evicted a hit before it was used.  A
+        download is published and materialized while its artifact lock is
+        held, and gc never evicts an object whose lock is held, so a fresh
+        download cannot vanish before its caller has used it.
+        """
         source = redact(req.url)
         known = self._known(req)
         if known is not None and self._hit(known, name=req.name, source=source):
-            return known
+            return self._deliver(known, req, mode)
         from .locks import single_flight
 
         with single_flight(self.layout, _flight_key(req, known), label=source, on_wait=log.warning):
@@ -170,10 +168,19 @@ class Store:
                 # before us recorded what it fetched; look again.
                 known = self._known(req)
             if known is not None and self._hit(known, name=req.name, source=source):
-                return known
+                return self._deliver(known, req, mode)
             published, final_url = self._download(req)
             # Recorded before the lock is released, so a waiter's look-up finds it.
-            return self._record(req, published, final_url)
+            return self._deliver(self._record(req, published, final_url), req, mode)
+
+    def _deliver(self, sha: str, req: Request, mode: LinkMode) -> Artifact:
+        """The Artifact for an object in the store, materialized at ``req.dest`` if given."""
+        path = self.layout.object_path(sha)
+        size = path.stat().st_size
+        if req.dest is None:
+            return Artifact(sha256=sha, size=size, path=path)
+        linked = self._link(sha, Path(req.dest), mode, force=False)
+        return Artifact(sha256=sha, size=size, path=path, dest=linked.dest, method=linked.method)
 
     def _known(self, req: Request) -> str | None:
         """The digest ``req`` is expected to have, if it (or an earlier use) says."""
