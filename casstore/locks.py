@@ -79,10 +79,15 @@ def try_hold(layout: Layout, key: str) -> Iterator[bool]:
     someone else holds it: a get publishes and materializes under that lock.
     """
     try:
-        fd = _try_lock(layout.lock_path(key))
-    except OSError:
-        fd = None  # no lock to be had here: only the retries protect the getter
+        fd = _try_lock(layout.lock_path(key), create=False)
+    except FileNotFoundError:
+        # Nobody has locked it since the last gc.  Not creating a file per
+        # object keeps eviction cheap; a get that locks it from now on
+        # publishes a new inode, which gc's re-check sees as changed.
         yield True
+        return
+    except OSError:
+        yield True  # no lock to be had here: only the retries protect the getter
         return
     try:
         yield fd is not None
@@ -120,9 +125,9 @@ def _acquire(path: Path, *, label: str, timeout: float, on_wait) -> int | None:
         delay = min(delay * 2, 0.05)
 
 
-def _try_lock(path: Path) -> int | None:
+def _try_lock(path: Path, *, create: bool = True) -> int | None:
     """The locked descriptor of ``path``, or None if someone else holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
