@@ -52,18 +52,22 @@ def single_flight(
     label: str,
     timeout: float | None = None,
     on_wait: Callable[[str], None] | None = None,
+    done: Callable[[], bool] | None = None,
 ) -> Iterator[bool]:
     """Hold the lock for ``key`` while the block runs; yields whether it is held.
 
     Blocks the calling thread.  ``on_wait`` gets one message when the wait
-    passes a second, and one if the lock is given up on.
+    passes a second, and one if the lock is given up on.  ``done`` is polled
+    while waiting: once it is true (the holder published the object) the wait
+    ends without the lock, so many waiters do not queue up one by one just to
+    find the object there.
     """
     timeout = lock_timeout() if timeout is None else timeout
     if timeout <= 0:
         yield False
         return
     layout.ensure()
-    fd = _acquire(layout.lock_path(key), label=label, timeout=timeout, on_wait=on_wait)
+    fd = _acquire(layout.lock_path(key), label=label, timeout=timeout, on_wait=on_wait, done=done)
     try:
         yield fd is not None
     finally:
@@ -96,7 +100,7 @@ def try_hold(layout: Layout, key: str) -> Iterator[bool]:
             os.close(fd)
 
 
-def _acquire(path: Path, *, label: str, timeout: float, on_wait) -> int | None:
+def _acquire(path: Path, *, label: str, timeout: float, on_wait, done=None) -> int | None:
     """Poll for the lock up to ``timeout`` seconds, announcing a long wait; its fd or None."""
     start = time.monotonic()
     delay = 0.001
@@ -112,6 +116,8 @@ def _acquire(path: Path, *, label: str, timeout: float, on_wait) -> int | None:
             return None
         if fd is not None:
             return fd
+        if done is not None and done():
+            return None
         waited = time.monotonic() - start
         if not announced and waited >= ANNOUNCE_AFTER:
             announced = True

@@ -162,7 +162,16 @@ class Store:
             return self._deliver(known, req, mode)
         from .locks import single_flight
 
-        with single_flight(self.layout, _flight_key(req, known), label=source, on_wait=log.warning):
+        def published() -> bool:
+            return known is not None and self.layout.object_path(known).exists()
+
+        with single_flight(
+            self.layout,
+            _flight_key(req, known),
+            label=source,
+            on_wait=log.warning,
+            done=published,
+        ):
             if known is None:
                 # Keyed by URL (md5 or trust on first use): whoever held the lock
                 # before us recorded what it fetched; look again.
