@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pty
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -97,4 +99,27 @@ def run_cli(store_dir):
     return run
 
 
-__all__ = ["assert_store_consistent", "blob", "sha"]
+def run_in_pty(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run the command line with stdout and stderr on a pseudo-terminal."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "casstore", *args], stdout=slave, stderr=slave, env=env
+    )
+    os.close(slave)
+    out = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 30)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return proc.wait(timeout=30), out.decode(errors="replace")
+
+
+__all__ = ["assert_store_consistent", "blob", "run_in_pty", "sha"]

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pty
 import resource
-import select
 import socket
 import subprocess
 import sys
@@ -25,7 +23,7 @@ from casstore.errors import (
 )
 from casstore.fetch import Policy, _content_range, _delay, _Retry, _retry_after, parse_header
 
-from .conftest import assert_store_consistent, blob, sha
+from .conftest import assert_store_consistent, blob, run_in_pty, sha
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -408,35 +406,12 @@ def test_cli_file_url_missing_is_exit_4(run_cli, tmp_path):
 # -- progress -------------------------------------------------------------------------
 
 
-def _run_in_pty(args: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run the command line with stdout and stderr on a pseudo-terminal."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "casstore", *args], stdout=slave, stderr=slave, env=env
-    )
-    os.close(slave)
-    out = b""
-    while True:
-        ready, _, _ = select.select([master], [], [], 30)
-        if not ready:
-            break
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(master)
-    return proc.wait(timeout=30), out.decode(errors="replace")
-
-
 @pytest.mark.parametrize("flag", ["", "-q", "--json"])
 def test_progress_bar_on_a_terminal_only(store_dir, origin, flag):
     data = blob(400_000, seed=2)
     url = origin.add("/slow", data, chunk=16_384, drip=0.07)  # about 1.7 s
     env = {**os.environ, "CASSTORE_DIR": str(store_dir), "TERM": "xterm", "COLUMNS": "100"}
-    code, out = _run_in_pty([*([flag] if flag else []), "get", url, "--sha256", sha(data)], env)
+    code, out = run_in_pty([*([flag] if flag else []), "get", url, "--sha256", sha(data)], env)
     assert code == 0, out
     assert ("━" in out and "B/s" in out) is not bool(flag), out
     assert_store_consistent(store_dir)
