@@ -56,6 +56,12 @@ def _emit(ctx: _Context, data: Any, text: str | None = None) -> None:
         click.echo(text)
 
 
+def _object_doc(ctx: _Context, sha256: str, **extra: Any) -> dict[str, Any]:
+    """An object as --json prints it: always sha256, size and path (SPEC §3)."""
+    path = ctx.store.layout.object_path(sha256)
+    return {"sha256": sha256, "size": path.stat().st_size, "path": str(path), **extra}
+
+
 def _size_text(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -243,8 +249,7 @@ def put(ctx: _Context, files: tuple[str, ...], name: str | None) -> None:
     out = []
     for f in files:
         sha = ctx.store.put(sys.stdin.buffer if f == "-" else f, name=name)
-        path = ctx.store.layout.object_path(sha)
-        out.append({"sha256": sha, "size": path.stat().st_size, "path": str(path), "file": f})
+        out.append(_object_doc(ctx, sha, file=f))
     _emit(ctx, out if len(out) > 1 else out[0], "\n".join(o["sha256"] for o in out))
 
 
@@ -257,7 +262,7 @@ def path(ctx: _Context, ref: str) -> None:
     Example: casstore path sha256:<hex>
     """
     p = ctx.store.path(ref)
-    _emit(ctx, {"sha256": p.name, "size": p.stat().st_size, "path": str(p)}, str(p))
+    _emit(ctx, _object_doc(ctx, p.name), str(p))
 
 
 @cli.command()
@@ -285,18 +290,8 @@ def link(ctx: _Context, ref: str, dest: str, link_mode: str, force: bool) -> Non
     Example: casstore link numpy.whl ./wheels/numpy.whl --link hardlink
     """
     result = ctx.store.link(ref, dest, link=link_mode, force=force)
-    obj = ctx.store.layout.object_path(result.sha256)
-    _emit(
-        ctx,
-        {
-            "sha256": result.sha256,
-            "size": obj.stat().st_size,
-            "path": str(obj),
-            "dest": str(result.dest),
-            "method": result.method,
-        },
-        str(result.dest),
-    )
+    doc = _object_doc(ctx, result.sha256, dest=str(result.dest), method=result.method)
+    _emit(ctx, doc, str(result.dest))
     logging.getLogger("casstore").info("%s: %s", result.method, result.dest)
 
 
@@ -398,7 +393,7 @@ def pin(ctx: _Context, ref: str) -> None:
     Example: casstore pin my-dataset
     """
     sha = ctx.store.pin(ref)
-    _emit(ctx, {"sha256": sha, "pinned": True}, sha)
+    _emit(ctx, _object_doc(ctx, sha, pinned=True), sha)
 
 
 @cli.command()
@@ -410,7 +405,7 @@ def unpin(ctx: _Context, ref: str) -> None:
     Example: casstore unpin my-dataset
     """
     sha = ctx.store.unpin(ref)
-    _emit(ctx, {"sha256": sha, "pinned": False}, sha)
+    _emit(ctx, _object_doc(ctx, sha, pinned=False), sha)
 
 
 @cli.command()

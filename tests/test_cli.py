@@ -135,7 +135,9 @@ def test_link_pin_unpin_rm(run_cli, tmp_path):
     r = run_cli("--json", "link", "n", str(dest))
     assert r.returncode == 0 and json.loads(r.stdout)["method"] == "hardlink"
     assert dest.read_bytes() == b"linkable"
-    assert json.loads(run_cli("--json", "pin", "n").stdout)["pinned"] is True
+    pinned = json.loads(run_cli("--json", "pin", "n").stdout)
+    assert pinned["pinned"] is True and pinned["sha256"] == d and pinned["size"] == 8
+    assert pinned["path"].endswith(d)
     assert json.loads(run_cli("--json", "info", d).stdout)["pinned"] is True
     assert run_cli("unpin", d).returncode == 0
     assert run_cli("rm", d).returncode == 2  # live link

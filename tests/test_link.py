@@ -255,7 +255,13 @@ def test_rm_refuses_live_links_unless_forced(store, store_dir, tmp_path, run_cli
 def test_pin_and_unpin(store, store_dir, run_cli):
     d = store.put(b"keep me", name="k")
     pinned = run_cli("--json", "pin", "k")
-    assert pinned.returncode == 0 and json.loads(pinned.stdout) == {"sha256": d, "pinned": True}
+    assert pinned.returncode == 0
+    assert json.loads(pinned.stdout) == {
+        "sha256": d,
+        "size": 7,
+        "path": str(store.layout.object_path(d)),
+        "pinned": True,
+    }
     assert store.info(d).pinned
     assert store.gc(older_than=0).objects_evicted == 0
     assert run_cli("unpin", d).returncode == 0
