@@ -360,6 +360,21 @@ class Store:
             url, sha256, name=name, mirrors=tuple(mirrors), dest=dest, md5=md5, size=size
         )
         mode = parse_mode(link)
+        for _ in range(3):
+            sha = await self._aflight(req)
+            if req.dest is None:
+                return self.layout.object_path(sha)
+            try:
+                linked = await asyncio.to_thread(self._link, sha, Path(req.dest), mode, force=False)
+            except FileNotFoundError:
+                continue  # gc evicted it between publish and link: fetch again
+            return linked.dest
+        raise CasError(f"object for {redact(req.url)} kept vanishing", url=redact(req.url))
+
+    async def _aflight(self, req: Request) -> str:
+        """The sha256 of ``req``'s object; one task per key and event loop does the work."""
+        import asyncio
+
         loop = asyncio.get_running_loop()
         flights = self._aflights.setdefault(loop, {})
         key = _flight_key(req, req.sha256)
@@ -377,10 +392,7 @@ class Store:
         sha = await asyncio.shield(task)
         if not leader:  # the leader recorded its own name and source
             await asyncio.to_thread(self._hit, sha, name=req.name, source=redact(req.url))
-        if req.dest is None:
-            return self.layout.object_path(sha)
-        result = await asyncio.to_thread(self._link, sha, Path(req.dest), mode, force=False)
-        return result.dest
+        return sha
 
     async def _aensure(self, req: Request) -> str:
         import asyncio
