@@ -52,7 +52,7 @@ def _emit(ctx: _Context, data: Any, text: str | None = None) -> None:
     """Machine output: ``data`` as JSON with --json, else ``text``."""
     if ctx.json:
         click.echo(json.dumps(data, indent=None, sort_keys=False))
-    elif text is not None:
+    elif text:
         click.echo(text)
 
 
@@ -243,6 +243,8 @@ def put(ctx: _Context, files: tuple[str, ...], name: str | None) -> None:
 
     if name and len(files) > 1:
         raise InvalidInput("--name takes one file only")
+    if files.count("-") > 1:
+        raise InvalidInput("'-' (stdin) can be given once only")
     for f in files:  # unreadable files are bad input, checked before writing any
         if f != "-" and (not os.access(f, os.R_OK) or os.path.isdir(f)):
             raise InvalidInput(f"cannot read {f}: no such readable file", path=f)

@@ -37,12 +37,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from .errors import CasError, InvalidInput
 from .hashing import parse_md5, parse_sha256
 from .models import Artifact, LinkMode, Request
-from .urls import check_url, file_name, redact
+from .urls import check_url, file_name, plain_url, redact
 
 if TYPE_CHECKING:
     from .store import Store
@@ -53,7 +52,6 @@ ARCHIVE_EXTENSIONS = (".conda", ".tar.bz2")
 PIXI_VERSIONS = (5, 6, 7)
 URLS_TXT = "urls.txt"
 # An anaconda.org token in a channel URL: .../t/<token>/channel/...
-_TOKEN_SEGMENT = re.compile(r"/t/[^/]+(?=/)")
 
 
 @dataclass(frozen=True)
@@ -416,7 +414,10 @@ def _package(url: Any, where: str, **fields: Any) -> CondaPackage:
         check_url(url)
     except InvalidInput as exc:
         raise InvalidInput(f"{where}: {exc}", url=redact(url)) from None
-    name = file_name(url)
+    try:
+        name = file_name(url)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{where}: {exc}", url=redact(url)) from None
     if not name.endswith(ARCHIVE_EXTENSIONS):
         raise InvalidInput(
             f"{where}: {redact(url)} is not a conda package (.conda or .tar.bz2)",
@@ -544,14 +545,6 @@ def _result(pkg: CondaPackage, pkgs: Path, outcome: Artifact | CasError) -> Pack
     return PackageResult(pkg, dest, artifact=outcome)
 
 
-def conda_url(url: str) -> str:
-    """``url`` as conda records it in ``urls.txt``: no credentials, no anaconda.org token."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    path = _TOKEN_SEGMENT.sub("", parts.path, count=1)
-    return urlunsplit((parts.scheme, netloc, path, parts.query, ""))
-
-
 def record_urls(pkgs_dir: Path, urls: Sequence[str]) -> list[str]:
     """Append each URL missing from ``pkgs_dir/urls.txt``; returns those appended.
 
@@ -559,7 +552,7 @@ def record_urls(pkgs_dir: Path, urls: Sequence[str]) -> list[str]:
     missing lines are written, so concurrent runs never write a URL twice.
     (conda appends without a lock; a line it adds meanwhile is still seen.)
     """
-    wanted = list(dict.fromkeys(conda_url(u) for u in urls))
+    wanted = list(dict.fromkeys(plain_url(u) for u in urls))
     if not wanted:
         return []
     path = pkgs_dir / URLS_TXT

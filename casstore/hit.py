@@ -64,8 +64,14 @@ def serve(argv: list[str]) -> int | None:
         return None
     if status != HIT:
         return None
-    sys.stdout.write(f"{layout.object_path(sha256)}\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(f"{layout.object_path(sha256)}\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `casstore get ... | head -c0`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (OSError, AttributeError, ValueError):
+        return None  # no usable stdout: the full command line reports it in one line
     return 0
 
 

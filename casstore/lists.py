@@ -129,7 +129,9 @@ def requests_for(
         seen: dict[str, ListEntry] = {}
         for e in entries:
             other = seen.setdefault(e.file_name, e)
-            if other.key != e.key and not _same_content(other, e):
+            # An md5 and a sha256 cannot be compared before downloading: a
+            # conflict too, reported before anything is fetched.
+            if other.key != e.key:
                 raise InvalidInput(
                     f"{e.source}:{e.line}: {e.file_name} is also line {other.line} "
                     "with another digest; both cannot be written to the destination",
@@ -223,12 +225,6 @@ def _digest(text: str, number: int, source: str) -> tuple[str | None, str | None
     if is_hex(value) and len(value) == 32 and not prefixed:
         return None, value.lower()
     _fail(source, number, f"invalid digest {text!r}: expected 64 hex (sha256) or 32 hex (md5)")
-
-
-def _same_content(a: ListEntry, b: ListEntry) -> bool:
-    # One line may give the md5 and another the sha256 of one file: only a
-    # conflict when both name the same kind of digest.
-    return (a.sha256 is None) != (b.sha256 is None)
 
 
 def _fail(source: str, number: int, problem: str) -> NoReturn:

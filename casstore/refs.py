@@ -34,12 +34,24 @@ def parse_ref(ref: str) -> tuple[str, str]:
     return "name", text
 
 
+def is_short_prefix(text: str) -> bool:
+    """Hex too short to be a digest prefix: bad input, unless it is a name."""
+    return is_hex(text) and len(text) < MIN_PREFIX
+
+
+def too_short(ref: str) -> InvalidInput:
+    return InvalidInput(
+        f"ref {ref!r} is too short: a digest prefix needs at least {MIN_PREFIX} hex characters",
+        ref=ref,
+    )
+
+
 def resolve(ref: str, layout: Layout, index: Index) -> str:
     """The sha256 that ``ref`` names.
 
     A full digest resolves without looking (the caller checks the object
     exists).  Raises:
-        InvalidInput: malformed, or a hex prefix under 8 characters that is no name.
+        InvalidInput: malformed, or hex under 8 characters that is no name.
         AmbiguousRef: a prefix that matches several objects (``candidates``).
         NotFound: nothing answers to ``ref``.
     """
@@ -59,9 +71,6 @@ def resolve(ref: str, layout: Layout, index: Index) -> str:
     sha = index.lookup_name(value)
     if sha is not None:
         return sha
-    if kind == "name" and is_hex(value) and len(value) < MIN_PREFIX:
-        raise InvalidInput(
-            f"ref {ref!r} is too short: a digest prefix needs at least {MIN_PREFIX} hex characters",
-            ref=ref,
-        )
+    if is_short_prefix(value):
+        raise too_short(ref)
     raise NotFound(f"no object matches ref {ref!r}", ref=ref)

@@ -48,7 +48,7 @@ from .models import (
     Stats,
     VerifyReport,
 )
-from .refs import parse_ref, resolve
+from .refs import is_short_prefix, parse_ref, resolve, too_short
 from .urls import check_url, redact
 
 log = logging.getLogger("casstore")
@@ -563,12 +563,20 @@ class Store:
             InvalidInput / AmbiguousRef: malformed or ambiguous ref.
             NotFound: no such object (a dangling index row is dropped).
         """
+        kind, value = parse_ref(ref)  # malformed refs fail before any disk work
+        if not self._exists():  # reading must not lay out a store that is not there
+            if kind == "name" and is_short_prefix(value):
+                raise too_short(ref)
+            raise NotFound(f"no object matches ref {ref!r} (no store at {self.root})", ref=ref)
         sha = resolve(ref, self.layout, self.index)
         if not self.layout.object_path(sha).exists():
             if self.index.get_object(sha) is not None:
                 self.index.forget_object(sha)  # the row pointed at nothing: heal it
             raise NotFound(f"no object matches ref {ref!r}", ref=ref)
         return sha
+
+    def _exists(self) -> bool:
+        return self.layout.objects.is_dir() or self.layout.index.exists()
 
     def path(self, ref: str) -> Path:
         """The object's path in the store (read-only; counts as a use)."""
@@ -654,6 +662,8 @@ class Store:
         """
         if order not in ("sha256", "size", "used"):
             raise InvalidInput(f"unknown sort order {order!r}: choose sha256, size or used")
+        if not self._exists():
+            return []
         rows = self.index.list_objects(order=order)
         if pattern is not None:
             from fnmatch import fnmatchcase
@@ -683,6 +693,17 @@ class Store:
 
     def stats(self) -> Stats:
         """Totals; objects and bytes are counted on disk (the truth), the rest in the index."""
+        if not self._exists():
+            return Stats(
+                objects=0,
+                bytes=0,
+                names=0,
+                pinned=0,
+                links=0,
+                temp_files=0,
+                saved_bytes=0,
+                path=self.root,
+            )
         totals = self.index.totals()
         count = size = saved = 0
         for _sha, path in self.layout.iter_objects():
@@ -767,9 +788,11 @@ class Store:
         An object with live links is refused unless ``force``.  Returns what
         was removed ("name" or "object").
         """
-        kind, value = parse_ref(ref)
-        if kind == "name" and self.index.lookup_name(value) is not None:
-            self.index.remove_name(value)
+        kind, _ = parse_ref(ref)
+        # A name wins over a digest prefix that happens to spell it: removing a
+        # name is the harmless reading of `rm cafebabe`.
+        if kind != "sha256" and self._exists() and self.index.lookup_name(ref.strip()):
+            self.index.remove_name(ref.strip())
             return "name"
         sha = self.resolve(ref)
         obj = self.layout.object_path(sha)

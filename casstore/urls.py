@@ -17,8 +17,13 @@ _SECRET_PARAM = re.compile(
 )
 
 
+# anaconda.org-style channel tokens: https://host/t/<token>/channel/...
+_TOKEN_SEGMENT = re.compile(r"/t/[^/]+(?=/)")
+
+
 def redact(url: str) -> str:
-    """``url`` with userinfo and secret-looking query values replaced by ``***``."""
+    """``url`` with userinfo, ``/t/<token>/`` segments and secret-looking query
+    values replaced by ``***``."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -26,6 +31,7 @@ def redact(url: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rpartition("@")[2]
+    path = _TOKEN_SEGMENT.sub("/t/***", parts.path, count=1)
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
@@ -33,7 +39,16 @@ def redact(url: str) -> str:
             query = urlencode(
                 [(k, "***" if _SECRET_PARAM.search(k) else v) for k, v in pairs], safe="*"
             )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, path, query, parts.fragment))
+
+
+def plain_url(url: str) -> str:
+    """``url`` with no secrets at all (userinfo, ``/t/<token>/``, query, fragment
+    dropped): what conda writes to ``urls.txt``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    path = _TOKEN_SEGMENT.sub("", parts.path, count=1)
+    return urlunsplit((parts.scheme, netloc, path, "", ""))
 
 
 def check_url(url: str) -> str:
@@ -59,9 +74,18 @@ def check_url(url: str) -> str:
 
 
 def file_name(url: str) -> str:
-    """The last segment of the URL's path (``fetch --dest`` names files by it)."""
+    """The last segment of the URL's path (``fetch --dest`` names files by it).
+
+    Raises:
+        InvalidInput: the segment decodes to something that is not one plain
+            file name (``..%2F..%2Fx`` would escape the destination directory).
+    """
     name = unquote(urlsplit(url).path.rstrip("/").rpartition("/")[2])
-    return name or "download"
+    if not name:
+        return "download"
+    if name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise InvalidInput(f"unsafe file name {name!r} in {redact(url)}", url=redact(url))
+    return name
 
 
 def local_path(url: str) -> str:

@@ -198,3 +198,68 @@ def test_get_size_reads_units_and_a_wrong_size_is_never_published(run_cli, origi
     ok = run_cli("get", url, "--sha256", sha(data), "--size", "1KiB")
     assert ok.returncode == 0, ok.stderr
     assert_store_consistent(store_dir)
+
+
+def test_rm_of_a_name_that_spells_a_digest_prefix_removes_the_name(run_cli, tmp_path):
+    d = run_cli("put", "-", "--name", "cafebabe", input=b"named like hex").stdout.decode().strip()
+    r = run_cli("rm", "cafebabe")
+    assert r.returncode == 0 and "removed name" in r.stdout.decode()
+    assert run_cli("path", d).returncode == 0  # the object stays
+    assert run_cli("path", "cafebabe").returncode in (2, 5)
+
+
+def test_reading_a_store_that_is_not_there_creates_nothing(run_cli, tmp_path):
+    missing = tmp_path / "nowhere"
+    env = {"CASSTORE_DIR": str(missing)}
+    assert run_cli("path", "abc123", env=env, store=False).returncode == 2
+    assert run_cli("info", "nosuch", env=env, store=False).returncode == 5
+    assert run_cli("cat", "f" * 64, env=env, store=False).returncode == 5
+    assert json.loads(run_cli("--json", "ls", env=env, store=False).stdout) == []
+    assert json.loads(run_cli("--json", "stats", env=env, store=False).stdout)["objects"] == 0
+    assert not missing.exists()
+
+
+def test_stdin_given_twice_is_bad_input(run_cli, store_dir):
+    r = run_cli("put", "-", "-", input=b"once")
+    assert r.returncode == 2 and "stdin" in r.stderr.decode()
+    assert not (store_dir / "sha256").exists()
+
+
+def test_channel_tokens_are_redacted_in_errors_and_the_index(run_cli, origin, store_dir):
+    data = b"private channel"
+    origin.add("/t/SECRET-TOKEN-123/chan/x-1.0-0.conda", data)
+    url = origin.url("/t/SECRET-TOKEN-123/chan/x-1.0-0.conda")
+    missing = run_cli("get", url.replace("x-1.0", "y-1.0"), "--sha256", "a" * 64)
+    ok = run_cli("--json", "get", url, "--sha256", sha(data))
+    info = run_cli("--json", "info", sha(data))
+    assert (missing.returncode, ok.returncode, info.returncode) == (4, 0, 0)
+    for r in (missing, ok, info):
+        assert b"SECRET-TOKEN" not in r.stdout + r.stderr
+    assert "/t/***/chan/" in json.loads(info.stdout)["sources"][0]
+    for f in store_dir.glob("index.db*"):
+        assert b"SECRET-TOKEN" not in f.read_bytes()
+
+
+def test_fast_hit_path_survives_a_closed_or_broken_stdout(run_cli, origin, store_dir):
+    import subprocess
+    import sys
+
+    data = b"pipe"
+    url = origin.add("/pipe", data)
+    assert run_cli("get", url, "--sha256", sha(data)).returncode == 0
+    env = {**os.environ, "CASSTORE_DIR": str(store_dir)}
+    cmd = [sys.executable, "-m", "casstore", "get", url, "--sha256", sha(data)]
+    closed = subprocess.run(
+        cmd,
+        env=env,
+        stdout=None,
+        stderr=subprocess.PIPE,
+        timeout=30,
+        close_fds=True,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert b"Traceback" not in closed.stderr
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(cmd, env=env, stdout=full, stderr=subprocess.PIPE, timeout=30)
+    assert r.returncode == 1 and b"Traceback" not in r.stderr
+    assert len(r.stderr.decode().strip().splitlines()) == 1

@@ -17,6 +17,7 @@ import yaml
 
 from casstore import InvalidInput
 from casstore import conda as conda_
+from casstore.urls import plain_url
 
 from . import channel
 from .conftest import assert_store_consistent
@@ -390,7 +391,7 @@ def test_concurrent_url_records_write_each_url_once(tmp_path):
 
 def test_urls_txt_holds_no_credentials():
     url = "https://user:pw@conda.example.org/t/tk-123/chan/linux-64/a-1-0.conda"
-    assert conda_.conda_url(url) == "https://conda.example.org/chan/linux-64/a-1-0.conda"
+    assert plain_url(url) == "https://conda.example.org/chan/linux-64/a-1-0.conda"
 
 
 # -- bad input -----------------------------------------------------------------------
@@ -437,6 +438,10 @@ BAD_LOCKS = {
     ),
     "explicit-no-hash": (f"@EXPLICIT\n{GOOD}\n", ":2: http"),
     "explicit-short-hash": (f"@EXPLICIT\n{GOOD}#{MD5[:-1]}\n", ":2: invalid digest"),
+    "explicit-traversal": (
+        f"@EXPLICIT\nhttps://h/x/..%2F..%2Fevil-1.0-0.conda#{MD5}\n",
+        ":2: unsafe file name",
+    ),
     "explicit-not-a-package": (
         f"@EXPLICIT\nhttps://example.org/x-1.0-py3-none-any.whl#{MD5}\n",
         "not a conda package",
@@ -492,7 +497,14 @@ def test_a_bad_lock_is_invalid_input_naming_file_and_entry(case, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["missing-file", "malformed-yaml", "explicit-short-hash", "pixi-no-platform"]
+    "case",
+    [
+        "missing-file",
+        "malformed-yaml",
+        "explicit-short-hash",
+        "explicit-traversal",
+        "pixi-no-platform",
+    ],
 )
 def test_bad_input_exits_2_before_any_request(case, origin, run_cli, store_dir, tmp_path):
     good = channel.serve(origin, channel.SHARED[:1])[0]

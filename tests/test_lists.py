@@ -211,3 +211,25 @@ def test_three_fetches_share_packages_into_one_dest(tmp_path, origin, store_dir)
         [*shared, *(f"tool{i}-1.0-0.tar.bz2" for i in range(3))]
     )
     assert_store_consistent(store_dir)
+
+
+def test_an_md5_and_a_sha256_for_one_dest_name_is_bad_input():
+    lines = [f"https://h/a/x.bin#{'a' * 64}", f"https://h/b/x.bin#{'b' * 32}"]
+    requests_for(parse_lines(lines), None)  # without --dest they do not collide
+    with pytest.raises(InvalidInput, match=r"l\.txt:2: x\.bin is also line 1"):
+        requests_for(parse_lines(lines, source="l.txt"), "/tmp/dest")
+
+
+@pytest.mark.parametrize("segment", ["..%2F..%2Fescaped.txt", "..", "a%5Cb", "%2E%2E"])
+def test_a_url_file_name_that_would_leave_dest_is_refused(
+    segment, tmp_path, origin, run_cli, store_dir
+):
+    digest = run_cli("put", "-", input=b"payload").stdout.decode().strip()
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{origin.base}/x/{segment}#{digest}\n")
+    dest = tmp_path / "a" / "dest"
+    r = run_cli("fetch", str(listing), "--dest", str(dest))
+    assert r.returncode == 2, r.stderr
+    assert "unsafe file name" in r.stderr.decode()
+    assert not (tmp_path / "escaped.txt").exists() and not dest.exists()
+    assert origin.requests() == []

@@ -36,7 +36,9 @@ def test_fetch_draws_one_overall_display_on_a_terminal_only(store_dir, origin, t
         return
     piped = subprocess.run(
         [sys.executable, "-m", "casstore", "fetch", _slow_list(origin, tmp_path, "p"), "-j", "1"],
-        env=env, capture_output=True, timeout=60,
+        env=env,
+        capture_output=True,
+        timeout=60,
     )
     assert piped.returncode == 0 and "/3" not in piped.stderr.decode()
 
