@@ -63,12 +63,14 @@ def _object_doc(ctx: _Context, sha256: str, **extra: Any) -> dict[str, Any]:
 
 
 def _size_text(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    for unit in ("KiB", "MiB", "GiB"):
         value /= 1024
-    return f"{n} B"
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} TiB"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -206,7 +208,6 @@ def fetch(ctx: _Context, file: str, jobs: int, dest: str | None, link_mode: str)
 
     Example: casstore fetch packages.txt -j 8 --dest ./pkgs
     """
-    from .errors import BatchError
     from .lists import read_list, report, requests_for
 
     entries = read_list(file)

@@ -292,6 +292,8 @@ def _read_conda_lock(data: dict, label: str, plat: str) -> CondaLock:
         if entry.get("platform") != plat:
             continue
         manager = entry.get("manager", "conda")
+        if manager not in ("conda", "pip"):
+            raise InvalidInput(f"{where}: unknown manager {manager!r}", path=label)
         if manager != "conda":
             skipped.append(f"{name or entry.get('url')}: {manager} package, not conda")
             continue
@@ -341,7 +343,9 @@ def _read_pixi(data: dict, label: str, plat: str, env: str) -> CondaLock:
         if not isinstance(ref, dict):
             raise InvalidInput(f"{where}: not a mapping", path=label)
         if "conda" not in ref:
-            kind = next(iter(ref), "unknown")
+            kind = next(iter(ref), None)
+            if kind not in ("pypi", "pip"):  # an empty or unknown entry is a broken lock
+                raise InvalidInput(f"{where}: neither a conda nor a pypi package", path=label)
             skipped.append(f"{ref.get(kind)}: {kind} package, not conda")
             continue
         url = ref["conda"]
@@ -362,13 +366,22 @@ def _read_pixi(data: dict, label: str, plat: str, env: str) -> CondaLock:
                 where,
                 md5=_checked(parse_md5, record.get("md5"), where),
                 sha256=_checked(parse_sha256, record.get("sha256"), where),
-                size=size if isinstance(size, int) and size >= 0 else None,
+                size=_size(size, where),
                 name=record.get("name"),
                 version=record.get("version"),
                 build=record.get("build"),
             )
         )
     return CondaLock(label, f"pixi-v{version}", _unique(packages, label), plat, env, tuple(skipped))
+
+
+def _size(value: Any, where: str) -> int | None:
+    """A lock's optional byte size; anything but a non-negative integer is bad input."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{where}: invalid size {value!r}")
+    return value
 
 
 def _pixi_records(entries: Any, label: str, version: int) -> dict[str, dict]:

@@ -25,7 +25,10 @@ FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 # link() errors after which auto falls back (SPEC §3): another filesystem
 # (EXDEV), too many links to this inode (EMLINK), refused (EPERM: no hardlinks
 # on this filesystem, or protected_hardlinks for another user's object).
-_CANNOT_HARDLINK = {errno.EXDEV, errno.EMLINK, errno.EPERM, errno.EACCES, errno.ENOTSUP}
+_CANNOT_HARDLINK = {
+    errno.EXDEV, errno.EMLINK, errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP,
+    errno.ENOSYS,
+}  # fmt: skip
 # Of those, the ones that hold for every object of the device pair: remembered,
 # so auto stops trying.  EMLINK and EPERM can be about one inode: never remembered.
 _DEVICE_WIDE = {errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}

@@ -438,6 +438,23 @@ BAD_LOCKS = {
     ),
     "explicit-no-hash": (f"@EXPLICIT\n{GOOD}\n", ":2: http"),
     "explicit-short-hash": (f"@EXPLICIT\n{GOOD}#{MD5[:-1]}\n", ":2: invalid digest"),
+    "pixi-empty-entry": (
+        "version: 6\nenvironments:\n  default:\n    channels: []\n    packages:\n"
+        "      linux-64:\n      - {}\npackages: []\n",
+        "neither a conda nor a pypi package",
+    ),
+    "pixi-boolean-size": (
+        "version: 6\nenvironments:\n  default:\n    channels: []\n    packages:\n"
+        "      linux-64:\n      - conda: https://h/a-1-0.conda\npackages:\n"
+        "- conda: https://h/a-1-0.conda\n  md5: " + MD5 + "\n  size: true\n",
+        "invalid size True",
+    ),
+    "conda-lock-unknown-manager": (
+        "version: 1\nmetadata: {platforms: [linux-64]}\npackage:\n"
+        "- {name: a, manager: [x], platform: linux-64, url: 'https://h/a-1-0.conda',"
+        " hash: {md5: " + MD5 + "}}\n",
+        "unknown manager",
+    ),
     "explicit-traversal": (
         f"@EXPLICIT\nhttps://h/x/..%2F..%2Fevil-1.0-0.conda#{MD5}\n",
         ":2: unsafe file name",
