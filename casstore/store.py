@@ -803,11 +803,16 @@ class Store:
                 ref=ref,
                 path=live[0],
             )
-        try:
-            os.unlink(self.layout.object_path(sha))
-        except FileNotFoundError:
-            pass
-        self.index.forget_object(sha)
+        from .locks import single_flight
+
+        # Under the artifact's lock, as gc evicts: a get that is downloading and
+        # materializing this object finishes first instead of losing it midway.
+        with single_flight(self.layout, sha, label=sha, on_wait=log.warning):
+            try:
+                os.unlink(self.layout.object_path(sha))
+            except FileNotFoundError:
+                pass
+            self.index.forget_object(sha)
         return "object"
 
 
