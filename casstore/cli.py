@@ -277,8 +277,13 @@ def cat(ctx: _Context, ref: str) -> None:
     Example: casstore cat my-name > file
     """
     with ctx.store.open(ref) as f:
-        shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
-        sys.stdout.buffer.flush()
+        try:
+            shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            # `casstore cat X | head`: the reader left, not an error of ours.  Caught
+            # here: click turns EPIPE into exit 1 before main() could see it.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @cli.command()
@@ -584,10 +589,6 @@ def main(argv: list[str] | None = None) -> None:
     except CasError as exc:
         click.echo(f"casstore: error: {exc}", err=True)
         sys.exit(exit_code_of(exc))
-    except BrokenPipeError:
-        # `casstore cat X | head`: the reader left; not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
     except KeyboardInterrupt:
         sys.exit(130)
     except OSError as exc:

@@ -387,10 +387,6 @@ class Index:
         )
         return [dict(r) for r in rows]
 
-    def forget_link(self, path: str) -> None:
-        with self._write() as conn:
-            conn.execute("DELETE FROM links WHERE path = ?", (path,))
-
     # -- listings ----------------------------------------------------------
 
     def describe(self, sha256: str) -> dict[str, object] | None:
@@ -483,14 +479,6 @@ class Index:
                 "UPDATE objects SET blake3 = ? WHERE sha256 = ? AND blake3 IS NULL",
                 (blake3, sha256),
             )
-
-    def metadata_counts(self) -> dict[str, int]:
-        """How many names, sources and links the index holds (to say what a loss cost)."""
-        conn = self.conn
-        return {
-            t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-            for t in ("names", "sources", "links")
-        }
 
     def broken_copies(self) -> list[Path]:
         """Index files set aside as unreadable (``index.db.broken-<time>``)."""

@@ -511,48 +511,34 @@ class Store:
         """Ingest a local file, bytes or a binary file object; return its sha256.
 
         Raises:
-            InvalidInput: ``source`` is a path that cannot be read (checked first).
+            InvalidInput: ``source`` is a path that cannot be opened.
         """
-        from .ingest import Ingest
-
-        label = "<bytes>"
-        opened: BinaryIO | None = None
-        if isinstance(source, bytes | bytearray | memoryview):
-            stream: IO[bytes] = io.BytesIO(source)
-        elif isinstance(source, str | os.PathLike):
+        if isinstance(source, str | os.PathLike):
             label = os.fspath(source)
             try:
-                opened = stream = open(source, "rb")  # noqa: SIM115
+                stream = open(source, "rb")  # noqa: SIM115
             except OSError as exc:
                 raise InvalidInput(
                     f"cannot read {label}: {exc.strerror or exc}", path=label
                 ) from exc
+            with stream:
+                published = self._put_stream(stream, label)
+        elif isinstance(source, bytes | bytearray | memoryview):
+            published = self._put_stream(io.BytesIO(source), "<bytes>")
         else:
-            stream, label = source, getattr(source, "name", "<stream>")
-        try:
-            with Ingest(self.layout) as ingest:
-                buf = bytearray(1 << 20)
-                view = memoryview(buf)
-                readinto = getattr(stream, "readinto", None)
-                while True:
-                    if readinto is not None:
-                        n = readinto(buf)
-                        if not n:
-                            break
-                        ingest.write(view[:n])
-                    else:
-                        chunk = stream.read(1 << 20)
-                        if not chunk:
-                            break
-                        ingest.write(chunk)
-                published = ingest.commit(source=str(label))
-        finally:
-            if opened is not None:
-                opened.close()
+            published = self._put_stream(source, str(getattr(source, "name", "<stream>")))
         self.index.record_object(
             published.sha256, published.size, blake3=published.blake3, name=name
         )
         return published.sha256
+
+    def _put_stream(self, stream: IO[bytes], label: str) -> Published:
+        from .ingest import Ingest
+
+        with Ingest(self.layout) as ingest:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                ingest.write(chunk)
+            return ingest.commit(source=label)
 
     # -- refs ----------------------------------------------------------------
 

@@ -263,3 +263,43 @@ def test_fast_hit_path_survives_a_closed_or_broken_stdout(run_cli, origin, store
         r = subprocess.run(cmd, env=env, stdout=full, stderr=subprocess.PIPE, timeout=30)
     assert r.returncode == 1 and b"Traceback" not in r.stderr
     assert len(r.stderr.decode().strip().splitlines()) == 1
+
+
+def test_ambiguous_prefix_exits_2_listing_candidates(run_cli, store_dir):
+    run_cli("put", "-", input=b"seed")  # lays out the store
+    names = ["deadbeef" + "0" * 56, "deadbeef" + "1" * 56]
+    for name in names:  # laid out by hand: real 8-hex collisions cost ~2**32 hashes
+        p = store_dir / "sha256" / name[:2] / name[2:4] / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    r = run_cli("path", "deadbeef")
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1
+    assert names[0] in err and names[1] in err
+
+
+def test_cat_into_a_closed_pipe_is_not_an_error(store_dir):
+    import subprocess
+    import sys
+
+    from casstore import Store
+
+    digest = Store(store_dir).put(blob(4 << 20, seed=3))
+    env = {**os.environ, "CASSTORE_DIR": str(store_dir)}
+    cat = subprocess.Popen(
+        [sys.executable, "-m", "casstore", "cat", digest],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    cat.stdout.read(10)
+    cat.stdout.close()  # the reader leaves early, like `| head -c 10`
+    _, err = cat.communicate(timeout=30)
+    assert cat.returncode == 0 and b"Traceback" not in err
+
+
+def test_readme_setup_example_runs(run_cli):
+    readme = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
+    r = run_cli("get", "file://" + os.path.abspath(readme))
+    assert r.returncode == 0 and "first use" in r.stderr.decode()
+    assert os.path.isfile(r.stdout.decode().strip())
