@@ -7,9 +7,12 @@ the caller heals, never served).  ``Store`` uses it for every hit.
 ``serve`` answers ``casstore [--store DIR] [-q] get URL --sha256 HEX`` when
 the object is already present, with the standard library alone: no click,
 httpx, blake3 or sqlite-utils is imported, so a hit costs a process start, a
-stat and one indexed read (~20 ms instead of ~80).  Anything it does not
-recognise, or any miss, returns None and the full command line runs instead
-and does the work (and reports errors) itself.
+stat and one indexed read (~20 ms instead of ~80).  On a miss it waits,
+still that light, while another process fetches the same digest, so a crowd
+of processes behind one download does not each pay for the downloader's
+imports.  Anything it does not recognise, or a miss it must fetch itself,
+returns None and the full command line runs instead and does the work (and
+reports errors) itself.
 """
 
 from __future__ import annotations
@@ -47,20 +50,38 @@ def lookup(
 
 
 def serve(argv: list[str]) -> int | None:
-    """Serve a ``get`` hit from ``argv``; None when the full command line must run."""
+    """Serve a ``get`` hit from ``argv``; None when the full command line must run.
+
+    On a miss it first waits for any other process already fetching the same
+    digest (locks.hold_for_process), then looks again: waiters behind one
+    download never import the downloading machinery.  If it is this process
+    that must download, the lock stays held for the full command line.
+    """
     args = _parse(argv)
     if args is None:
         return None
-    store, url, sha256 = args
+    store, url, sha256, quiet = args
     try:
         check_url(url)
         sha256 = parse_sha256(sha256)
+        source = redact(url)
         layout = Layout(store if store is not None else default_root())
-        if not layout.index.exists():
-            return None
-        index = Index(layout)
-        status, _ = lookup(layout, index, sha256, source=redact(url))
-    except CasError:
+        status = MISSING
+        if layout.index.exists():
+            status, _ = lookup(layout, Index(layout), sha256, source=source)
+        if status == MISSING:
+            from .locks import hold_for_process
+
+            path = layout.object_path(sha256)
+            hold_for_process(
+                layout,
+                sha256,
+                label=source,
+                on_wait=None if quiet else _warn,
+                done=path.exists,
+            )
+            status, _ = lookup(layout, Index(layout), sha256, source=source)
+    except (CasError, OSError):
         return None
     if status != HIT:
         return None
@@ -75,9 +96,15 @@ def serve(argv: list[str]) -> int | None:
     return 0
 
 
-def _parse(argv: list[str]) -> tuple[str | None, str, str] | None:
-    """(store, url, sha256) for exactly the plain hit form, else None."""
+def _warn(message: str) -> None:
+    # The full command line's log format (cli.py), for the same messages.
+    sys.stderr.write(f"casstore: {message}\n")
+
+
+def _parse(argv: list[str]) -> tuple[str | None, str, str, bool] | None:
+    """(store, url, sha256, quiet) for exactly the plain ``get`` form, else None."""
     store = os.environ.get("CASSTORE_DIR") or None
+    quiet = False
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
         arg = argv[i]
@@ -86,14 +113,14 @@ def _parse(argv: list[str]) -> tuple[str | None, str, str] | None:
         elif arg.startswith("--store="):
             store, i = arg.split("=", 1)[1], i + 1
         elif arg in ("-q", "--quiet"):
-            i += 1
+            quiet, i = True, i + 1
         else:
             return None
     rest = argv[i:]
     if len(rest) == 4 and rest[0] == "get" and rest[2] == "--sha256":
-        return store, rest[1], rest[3]
+        return store, rest[1], rest[3], quiet
     if len(rest) == 4 and rest[0] == "get" and rest[1] == "--sha256":
-        return store, rest[3], rest[2]
+        return store, rest[3], rest[2], quiet
     if len(rest) == 3 and rest[0] == "get" and rest[2].startswith("--sha256="):
-        return store, rest[1], rest[2].split("=", 1)[1]
+        return store, rest[1], rest[2].split("=", 1)[1], quiet
     return None

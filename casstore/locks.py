@@ -31,6 +31,10 @@ DEFAULT_TIMEOUT = 600.0
 # A wait longer than this is announced, naming the artifact (uv#16112 hung silently).
 ANNOUNCE_AFTER = 1.0
 
+# Locks taken by hold_for_process, held (fd) or given up on (None) for the
+# rest of the process; closed by the process's exit.
+_process_locks: dict[Path, int | None] = {}
+
 
 def lock_timeout() -> float:
     """Seconds to wait for a lock before going on without it (``CASSTORE_LOCK_TIMEOUT``).
@@ -62,6 +66,10 @@ def single_flight(
     ends without the lock, so many waiters do not queue up one by one just to
     find the object there.
     """
+    path = layout.lock_path(key)
+    if path in _process_locks:
+        yield _process_locks[path] is not None
+        return
     timeout = lock_timeout() if timeout is None else timeout
     if timeout <= 0:
         yield False
@@ -73,6 +81,36 @@ def single_flight(
     finally:
         if fd is not None:
             os.close(fd)  # closing the only descriptor releases the flock
+
+
+def hold_for_process(
+    layout: Layout,
+    key: str,
+    *,
+    label: str,
+    on_wait: Callable[[str], None] | None = None,
+    done: Callable[[], bool] | None = None,
+) -> bool:
+    """Wait for the lock for ``key`` as ``single_flight`` does, and keep it until the process exits.
+
+    For the command line's fast path (hit.py): a ``get`` that misses waits
+    here, before importing httpx and the Store, so fifteen processes queued
+    behind one download cost little more than fifteen cache hits.  Returns
+    whether the lock is held; later ``single_flight`` calls for ``key`` in
+    this process use this outcome instead of locking again (their own flock
+    would wait on this one).  When ``done`` ends the wait nothing is kept:
+    the caller looks again, and locks as usual if it must download after all.
+    """
+    timeout = lock_timeout()
+    if timeout <= 0:
+        return False
+    layout.ensure()
+    path = layout.lock_path(key)
+    fd = _acquire(path, label=label, timeout=timeout, on_wait=on_wait, done=done)
+    if fd is None and done is not None and done():
+        return False
+    _process_locks[path] = fd  # None: given up on, so later calls do not wait again
+    return fd is not None
 
 
 @contextmanager

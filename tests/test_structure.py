@@ -6,11 +6,12 @@ import ast
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import sha
+from .conftest import blob, sha
 
 PACKAGE = Path(__file__).resolve().parent.parent / "casstore"
 HEAVY = ("httpx", "blake3", "sqlite_utils", "tenacity", "rich", "yaml")
@@ -56,6 +57,18 @@ def test_lower_layers_do_not_import_store():
             assert "store" not in deps, f"{module} imports store"
 
 
+def _probe(entry: str, watched: tuple[str, ...]) -> str:
+    """A program running casstore's ``main`` from ``entry`` that reports on exit
+    which of ``watched`` it imported."""
+    return (
+        "import sys, atexit\n"
+        f"atexit.register(lambda: print('LOADED', sorted(m for m in {watched!r}"
+        " if m in sys.modules), file=sys.stderr))\n"
+        f"from {entry} import main\n"
+        "main()\n"
+    )
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("entry", "also_absent"),
@@ -72,16 +85,16 @@ def test_cli_cache_hit_imports_no_heavy_module(tmp_path, origin, entry, also_abs
         timeout=30,
     )
     assert prime.returncode == 0, prime.stderr
-    watched = HEAVY + also_absent
-    probe = (
-        "import sys, atexit\n"
-        f"atexit.register(lambda: print('LOADED', sorted(m for m in {watched!r}"
-        " if m in sys.modules), file=sys.stderr))\n"
-        f"from {entry} import main\n"
-        "main()\n"
-    )
     hit = subprocess.run(
-        [sys.executable, "-c", probe, "get", url, "--sha256", sha(data)],
+        [
+            sys.executable,
+            "-c",
+            _probe(entry, HEAVY + also_absent),
+            "get",
+            url,
+            "--sha256",
+            sha(data),
+        ],
         env=env,
         capture_output=True,
         timeout=30,
@@ -90,3 +103,81 @@ def test_cli_cache_hit_imports_no_heavy_module(tmp_path, origin, entry, also_abs
     assert hit.stdout.decode().strip().endswith(sha(data))
     assert "LOADED []" in hit.stderr.decode(), hit.stderr.decode()
     assert origin.count("/hit") == 1
+
+
+@pytest.mark.timeout(60)
+def test_get_waiting_on_another_download_stays_light(tmp_path, origin):
+    """A crowd behind one download costs little more than a crowd of hits: the
+    waiters wait before importing httpx, click or the Store, then serve the hit."""
+    data = blob(256 * 1024, seed=7)
+    url = origin.add("/wait", data, gate_after=100_000, chunk=16 * 1024)
+    route = origin.routes["/wait"]
+    env = {**os.environ, "CASSTORE_DIR": str(tmp_path / "s")}
+    cmd = ["get", url, "--sha256", sha(data)]
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "casstore", *cmd], env=env, stdout=subprocess.PIPE
+    )
+    waiter = None
+    try:
+        assert route.sent_event.wait(30), "the first download never started"
+        waiter = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _probe("casstore.__main__", (*HEAVY, "click", "casstore.store")),
+                *cmd,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        # Announced after a second of waiting: by then it is past its imports.
+        first_line = waiter.stderr.readline().decode()
+        assert f"waiting for another process to fetch {url}" in first_line, first_line
+        route.gate.set()
+        out, err = waiter.communicate(timeout=30)
+        holder.communicate(timeout=30)
+        assert holder.returncode == 0
+    finally:
+        for p in (holder, waiter):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert waiter.returncode == 0, err
+    assert out.decode().strip().endswith(sha(data))
+    assert "LOADED []" in err.decode(), err.decode()
+    assert origin.count("/wait") == 1
+
+
+@pytest.mark.timeout(60)
+def test_get_that_gives_up_waiting_downloads_without_waiting_again(tmp_path, origin):
+    """Past CASSTORE_LOCK_TIMEOUT the light waiter hands over to the full command
+    line, which downloads without the lock instead of waiting a second time."""
+    data = blob(256 * 1024, seed=8)
+    url = origin.add("/slow", data, gate_after=100_000, chunk=16 * 1024)
+    route = origin.routes["/slow"]
+    env = {**os.environ, "CASSTORE_DIR": str(tmp_path / "s"), "CASSTORE_LOCK_TIMEOUT": "1.5"}
+    cmd = [sys.executable, "-m", "casstore", "get", url, "--sha256", sha(data)]
+    holder = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    waiter = None
+    try:
+        assert route.sent_event.wait(30), "the first download never started"
+        waiter = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert "waiting for another process" in waiter.stderr.readline().decode()
+        assert "not granted after 1.5s" in waiter.stderr.readline().decode()
+        # The waiter now downloads too; its request reaching the gate proves it.
+        while origin.count("/slow") < 2:
+            assert waiter.poll() is None, waiter.stderr.read()
+            time.sleep(0.01)
+        route.gate.set()
+        out, err = waiter.communicate(timeout=30)
+        assert holder.wait(30) == 0
+    finally:
+        for p in (holder, waiter):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert waiter.returncode == 0, err
+    assert out.decode().strip().endswith(sha(data))
+    assert "waiting" not in err.decode() and "not granted" not in err.decode(), err.decode()
+    assert origin.count("/slow") == 2
