@@ -7,11 +7,9 @@ blake3 is imported on first write, never on a cache hit.
 
 from __future__ import annotations
 
-import string
-
 from .errors import InvalidInput
 
-_HEX = frozenset(string.hexdigits)
+_HEX = frozenset("0123456789abcdefABCDEF")
 
 
 def is_hex(text: str) -> bool:

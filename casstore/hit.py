@@ -23,23 +23,26 @@ import sys
 from .errors import CasError
 from .hashing import parse_sha256
 from .index import Index
-from .layout import Layout, default_root
-from .urls import check_url, redact
+from .layout import INDEX, default_root, lock_name, make_dirs, object_name
+
+TYPE_CHECKING = False  # not `typing`: the CLI hit path (hit.py) does not import it
+if TYPE_CHECKING:
+    from pathlib import Path
 
 HIT, MISSING, BAD = "hit", "missing", "bad"
 
 
 def lookup(
-    layout: Layout,
+    path: str | Path,
     index: Index,
     sha256: str,
     *,
     name: str | None = None,
     source: str | None = None,
 ) -> tuple[str, int]:
-    """(HIT | MISSING | BAD, size on disk); a HIT is recorded as a use."""
+    """(HIT | MISSING | BAD, size on disk) of the object at ``path``; a HIT is recorded as a use."""
     try:
-        size = layout.object_path(sha256).stat().st_size
+        size = os.stat(path).st_size
     except FileNotFoundError:
         return MISSING, 0
     row = index.get_object(sha256)
@@ -60,33 +63,29 @@ def serve(argv: list[str]) -> int | None:
     args = _parse(argv)
     if args is None:
         return None
-    store, url, sha256, quiet = args
+    root, url, sha256, quiet = args
+    obj = os.path.join(root, object_name(sha256))
     try:
-        check_url(url)
-        sha256 = parse_sha256(sha256)
-        source = redact(url)
-        layout = Layout(store if store is not None else default_root())
         status = MISSING
-        if layout.index.exists():
-            status, _ = lookup(layout, Index(layout), sha256, source=source)
+        if os.path.exists(os.path.join(root, INDEX)):
+            status, _ = lookup(obj, Index(root), sha256, source=url)
         if status == MISSING:
             from .locks import hold_for_process
 
-            path = layout.object_path(sha256)
+            make_dirs(root)
             hold_for_process(
-                layout,
-                sha256,
-                label=source,
+                os.path.join(root, lock_name(sha256)),
+                label=url,
                 on_wait=None if quiet else _warn,
-                done=path.exists,
+                done=lambda: os.path.exists(obj),
             )
-            status, _ = lookup(layout, Index(layout), sha256, source=source)
+            status, _ = lookup(obj, Index(root), sha256, source=url)
     except (CasError, OSError):
         return None
     if status != HIT:
         return None
     try:
-        sys.stdout.write(f"{layout.object_path(sha256)}\n")
+        sys.stdout.write(f"{obj}\n")
         sys.stdout.flush()
     except BrokenPipeError:  # `casstore get ... | head -c0`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -101,9 +100,9 @@ def _warn(message: str) -> None:
     sys.stderr.write(f"casstore: {message}\n")
 
 
-def _parse(argv: list[str]) -> tuple[str | None, str, str, bool] | None:
-    """(store, url, sha256, quiet) for exactly the plain ``get`` form, else None."""
-    store = os.environ.get("CASSTORE_DIR") or None
+def _parse(argv: list[str]) -> tuple[str, str, str, bool] | None:
+    """(store root, url, sha256, quiet) for exactly the plain ``get`` form, else None."""
+    store = None
     quiet = False
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
@@ -118,9 +117,40 @@ def _parse(argv: list[str]) -> tuple[str | None, str, str, bool] | None:
             return None
     rest = argv[i:]
     if len(rest) == 4 and rest[0] == "get" and rest[2] == "--sha256":
-        return store, rest[1], rest[3], quiet
-    if len(rest) == 4 and rest[0] == "get" and rest[1] == "--sha256":
-        return store, rest[3], rest[2], quiet
-    if len(rest) == 3 and rest[0] == "get" and rest[2].startswith("--sha256="):
-        return store, rest[1], rest[2].split("=", 1)[1], quiet
-    return None
+        url, digest = rest[1], rest[3]
+    elif len(rest) == 4 and rest[0] == "get" and rest[1] == "--sha256":
+        url, digest = rest[3], rest[2]
+    elif len(rest) == 3 and rest[0] == "get" and rest[2].startswith("--sha256="):
+        url, digest = rest[1], rest[2].split("=", 1)[1]
+    else:
+        return None
+    root = _root(store)
+    if root is None or not _plain_url(url):
+        return None
+    try:
+        return root, url, parse_sha256(digest), quiet
+    except CasError:
+        return None
+
+
+def _root(store: str | None) -> str | None:
+    """The store's root as Layout spells it (absolute, no ``.`` or empty parts)."""
+    path = os.path.expanduser(store) if store else default_root()
+    if not path.startswith("/"):
+        path = os.path.join(os.getcwd(), path)
+    if path.startswith("//"):
+        return None  # pathlib keeps a leading "//"; leave such roots to it
+    return "/" + "/".join(part for part in path.split("/") if part not in ("", "."))
+
+
+def _plain_url(url: str) -> bool:
+    """True for a URL that urls.check_url accepts and urls.redact leaves as it is:
+    lower-case http, https or file scheme, a host (or a file path), and no
+    credentials, tokens, query, fragment, spaces or control characters.
+    Anything else goes to the full command line, which imports ``urllib.parse``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https", "file") or not rest:
+        return False
+    if scheme != "file" and rest[0] in "/:[":
+        return False
+    return "/t/" not in rest and all("!" <= c <= "~" and c not in "@?#\\" for c in rest)

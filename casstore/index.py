@@ -17,47 +17,74 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from .errors import CasError
-from .layout import Layout
+from .layout import INDEX, make_dirs
+
+TYPE_CHECKING = False  # not `typing`: the CLI hit path (hit.py) does not import it
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .layout import Layout
 
 BUSY_TIMEOUT_MS = 120_000
-_MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
 class Migration:
     """``migrations/NNNN_name.sql``: applied in order of ``id``."""
 
-    def __init__(self, id: int, name: str, path: Path) -> None:
+    def __init__(self, id: int, name: str, path: str) -> None:
         self.id, self.name, self.path = id, name, path
 
     @property
     def sql(self) -> str:
-        return self.path.read_text()
+        with open(self.path, encoding="utf-8") as f:
+            return f.read()
 
 
-def migrations_dir() -> Path:
-    """``migrations/`` inside an installed wheel, else at the top of a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "migrations", here.parent / "migrations"):
-        if candidate.is_dir():
-            return candidate
-    raise CasError(f"casstore's migrations/ folder is missing next to {here}", path=str(here))
+def migrations_dir() -> str:
+    """``migrations/`` inside an installed wheel, else at the top of a checkout.
+
+    Plain strings: every index open (the CLI's cache hit too) looks here.
+    """
+    here = os.path.dirname(os.path.realpath(__file__))
+    for candidate in (
+        os.path.join(here, "migrations"),
+        os.path.join(here, os.pardir, "migrations"),
+    ):
+        if os.path.isdir(candidate):
+            return os.path.normpath(candidate)
+    raise CasError(f"casstore's migrations/ folder is missing next to {here}", path=here)
 
 
 def known_migrations() -> list[Migration]:
-    found = []
-    for name in os.listdir(migrations_dir()):
-        m = _MIGRATION_RE.match(name)
-        if m:
-            found.append(Migration(int(m.group(1)), m.group(2), migrations_dir() / name))
+    """The migrations shipped, in order."""
+    folder = migrations_dir()
+    found = [
+        Migration(*parsed, os.path.join(folder, name))
+        for name in os.listdir(folder)
+        if (parsed := _migration_name(name)) is not None
+    ]
     return sorted(found, key=lambda m: m.id)
+
+
+def _migration_name(file_name: str) -> tuple[int, str] | None:
+    """(number, name) of ``NNNN_name.sql`` (name: a-z, 0-9, _), else None.
+
+    Checked without ``re``: every index open (the CLI's cache hit too) lists
+    the migrations, and importing ``re`` would cost that process ~2 ms.
+    """
+    number, _, rest = file_name.partition("_")
+    stem, dot, ext = rest.partition(".")
+    if not (len(number) == 4 and number.isascii() and number.isdigit() and dot and ext == "sql"):
+        return None
+    if not stem or not all(c == "_" or c.isdigit() or "a" <= c <= "z" for c in stem):
+        return None
+    return int(number), stem
 
 
 def _statements(sql: str) -> Iterator[str]:
@@ -96,9 +123,15 @@ def _retry_busy(fn, deadline: float = BUSY_TIMEOUT_MS / 1000):
 class Index:
     """Per-store index; safe to share between threads (a connection each)."""
 
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-        self.path = layout.index
+    def __init__(self, store: Layout | str) -> None:
+        """``store``: its Layout, or its root as an absolute path string (the
+        command line's cache-hit path, hit.py, which never imports pathlib)."""
+        if isinstance(store, str):
+            self.path: str | Path = os.path.join(store, INDEX)
+            self._lay_out = lambda: make_dirs(store)
+        else:
+            self.path = store.index
+            self._lay_out = store.ensure
         self._local = threading.local()
         self._open_lock = threading.Lock()
 
@@ -131,7 +164,7 @@ class Index:
             self._local.conn = None
 
     def _connect(self) -> sqlite3.Connection:
-        self.layout.ensure()
+        self._lay_out()
         try:
             return _retry_busy(self._open)
         except sqlite3.DatabaseError as exc:
@@ -165,9 +198,8 @@ class Index:
     def _set_aside(self) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for suffix in ("", "-wal", "-shm"):
-            src = Path(str(self.path) + suffix)
             with contextlib.suppress(FileNotFoundError):
-                os.rename(src, self.path.with_name(f"index.db.broken-{stamp}{suffix}"))
+                os.rename(f"{self.path}{suffix}", f"{self.path}.broken-{stamp}{suffix}")
 
     # -- migrations --------------------------------------------------------
 
@@ -482,4 +514,7 @@ class Index:
 
     def broken_copies(self) -> list[Path]:
         """Index files set aside as unreadable (``index.db.broken-<time>``)."""
-        return sorted(self.path.parent.glob(self.path.name + ".broken-*[0-9]"))
+        from pathlib import Path
+
+        path = Path(self.path)
+        return sorted(path.parent.glob(path.name + ".broken-*[0-9]"))

@@ -23,17 +23,21 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-from .layout import Layout
+TYPE_CHECKING = False  # not `typing`: the CLI hit path (hit.py) does not import it
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .layout import Layout
 
 DEFAULT_TIMEOUT = 600.0
 # A wait longer than this is announced, naming the artifact (uv#16112 hung silently).
 ANNOUNCE_AFTER = 1.0
 
 # Locks taken by hold_for_process, held (fd) or given up on (None) for the
-# rest of the process; closed by the process's exit.
-_process_locks: dict[Path, int | None] = {}
+# rest of the process, by the lock file's (st_dev, st_ino): the two callers
+# spell the store's path their own ways.  Closed by the process's exit.
+_process_locks: dict[tuple[int, int], int | None] = {}
 
 
 def lock_timeout() -> float:
@@ -67,9 +71,11 @@ def single_flight(
     find the object there.
     """
     path = layout.lock_path(key)
-    if path in _process_locks:
-        yield _process_locks[path] is not None
-        return
+    if _process_locks:
+        held = _held_for_process(path)
+        if held is not None:
+            yield held
+            return
     timeout = lock_timeout() if timeout is None else timeout
     if timeout <= 0:
         yield False
@@ -84,33 +90,45 @@ def single_flight(
 
 
 def hold_for_process(
-    layout: Layout,
-    key: str,
+    path: str,
     *,
     label: str,
     on_wait: Callable[[str], None] | None = None,
     done: Callable[[], bool] | None = None,
 ) -> bool:
-    """Wait for the lock for ``key`` as ``single_flight`` does, and keep it until the process exits.
+    """Wait for the lock file at ``path`` as ``single_flight`` does, and keep it
+    until the process exits; returns whether it is held.
 
     For the command line's fast path (hit.py): a ``get`` that misses waits
     here, before importing httpx and the Store, so fifteen processes queued
-    behind one download cost little more than fifteen cache hits.  Returns
-    whether the lock is held; later ``single_flight`` calls for ``key`` in
-    this process use this outcome instead of locking again (their own flock
-    would wait on this one).  When ``done`` ends the wait nothing is kept:
-    the caller looks again, and locks as usual if it must download after all.
+    behind one download cost little more than fifteen cache hits.  Later
+    ``single_flight`` calls on this lock in this process use this outcome
+    instead of locking again (their own flock would wait on this one).  When
+    ``done`` ends the wait nothing is kept: the caller looks again, and locks
+    as usual if it must download after all.  The store must be laid out.
     """
     timeout = lock_timeout()
     if timeout <= 0:
         return False
-    layout.ensure()
-    path = layout.lock_path(key)
     fd = _acquire(path, label=label, timeout=timeout, on_wait=on_wait, done=done)
     if fd is None and done is not None and done():
         return False
-    _process_locks[path] = fd  # None: given up on, so later calls do not wait again
+    try:
+        st = os.stat(path) if fd is None else os.fstat(fd)
+    except FileNotFoundError:
+        return False  # gave up on a lock file gc has since removed: nothing to remember
+    _process_locks[(st.st_dev, st.st_ino)] = fd  # None: given up on, so no second wait
     return fd is not None
+
+
+def _held_for_process(path: Path) -> bool | None:
+    """What hold_for_process decided for the lock at ``path``, or None if it did not."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    key = (st.st_dev, st.st_ino)
+    return None if key not in _process_locks else _process_locks[key] is not None
 
 
 @contextmanager
@@ -138,7 +156,7 @@ def try_hold(layout: Layout, key: str) -> Iterator[bool]:
             os.close(fd)
 
 
-def _acquire(path: Path, *, label: str, timeout: float, on_wait, done=None) -> int | None:
+def _acquire(path: str | Path, *, label: str, timeout: float, on_wait, done=None) -> int | None:
     """Poll for the lock up to ``timeout`` seconds, announcing a long wait; its fd or None."""
     start = time.monotonic()
     delay = 0.001
@@ -166,10 +184,10 @@ def _acquire(path: Path, *, label: str, timeout: float, on_wait, done=None) -> i
                 on_wait(f"lock for {label} not granted after {timeout:g}s; going on without it")
             return None
         time.sleep(min(delay, max(0.0, timeout - waited)))
-        delay = min(delay * 2, 0.05)
+        delay = min(delay * 2, 0.01)
 
 
-def _try_lock(path: Path, *, create: bool = True) -> int | None:
+def _try_lock(path: str | Path, *, create: bool = True) -> int | None:
     """The locked descriptor of ``path``, or None if someone else holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o644)
     try:

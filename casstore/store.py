@@ -222,7 +222,9 @@ class Store:
         An object whose size disagrees with its index row is quarantined and
         treated as a miss, never served.
         """
-        status, _ = lookup(self.layout, self.index, sha256, name=name, source=source)
+        status, _ = lookup(
+            self.layout.object_path(sha256), self.index, sha256, name=name, source=source
+        )
         if status == BAD:
             from .ingest import quarantine
 

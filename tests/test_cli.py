@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -186,6 +189,64 @@ def test_fast_hit_path_matches_full_command_line(run_cli, origin, store_dir, tmp
     assert run_cli("get", "ftp://x/y", "--sha256", sha(data)).returncode == 2
     other = run_cli("--store", str(tmp_path / "empty"), "get", url, "--sha256", sha(data))
     assert other.returncode == 0 and origin.count("/fast") == 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("store_arg", "env", "root"),
+    [
+        (["--store", "rel/./s//"], {}, "rel/s"),
+        (["--store", "~/s"], {"HOME": "{tmp}/home"}, "home/s"),
+        ([], {"CASSTORE_DIR": "{tmp}/env//s/"}, "env/s"),
+        ([], {"XDG_CACHE_HOME": "{tmp}/xdg"}, "xdg/casstore"),
+    ],
+    ids=["relative", "home", "env", "default"],
+)
+def test_hit_and_miss_print_the_same_path_however_the_store_is_spelled(
+    origin, tmp_path, store_arg, env, root
+):
+    data = b"spelled"
+    url = origin.add("/spelled", data)
+    full_env = {k: v for k, v in os.environ.items() if k != "CASSTORE_DIR"}
+    full_env.update({k: v.format(tmp=tmp_path) for k, v in env.items()})
+    args = [*store_arg, "get", url, "--sha256", sha(data)]
+    miss = subprocess.run(
+        [sys.executable, "-m", "casstore", *args],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        timeout=30,
+    )
+    # The hit must be served by the fast path (hit.py), which spells the root itself.
+    probe = (
+        "import sys, atexit\n"
+        "atexit.register(lambda: print('FULL CLI', 'click' in sys.modules, file=sys.stderr))\n"
+        "from casstore.__main__ import main\n"
+        "main()\n"
+    )
+    hit = subprocess.run(
+        [sys.executable, "-c", probe, *args],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert miss.returncode == 0 and hit.returncode == 0, (miss.stderr, hit.stderr)
+    assert hit.stdout == miss.stdout
+    assert b"FULL CLI False" in hit.stderr
+    path = miss.stdout.decode().strip()
+    assert path == f"{tmp_path}/{root}/sha256/{sha(data)[:2]}/{sha(data)[2:4]}/{sha(data)}"
+    assert Path(path).is_file()
+    assert origin.count("/spelled") == 1
+
+
+def test_a_url_the_fast_path_leaves_alone_still_hits(run_cli, origin, store_dir):
+    data = b"query"
+    url = origin.add("/q", data) + "?token=secret&x=1"
+    first = run_cli("get", url, "--sha256", sha(data))
+    again = run_cli("get", url, "--sha256", sha(data))
+    assert first.returncode == 0 and again.stdout == first.stdout
+    assert origin.count("/q") == 1
 
 
 def test_get_size_reads_units_and_a_wrong_size_is_never_published(run_cli, origin, store_dir):

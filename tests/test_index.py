@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -19,14 +20,16 @@ RELEASED = {
 
 
 def test_released_migrations_are_unchanged():
-    found = {m.id: hashlib.sha256(m.path.read_bytes()).hexdigest() for m in known_migrations()}
+    found = {
+        m.id: hashlib.sha256(Path(m.path).read_bytes()).hexdigest() for m in known_migrations()
+    }
     for number, digest in RELEASED.items():
         assert found[number] == digest, f"migration {number:04d} was edited after release"
     assert sorted(found) == list(range(1, len(found) + 1)), "migrations must be numbered 1..N"
 
 
 def test_migrations_found_in_checkout():
-    assert (migrations_dir() / "0001_initial.sql").is_file()
+    assert (Path(migrations_dir()) / "0001_initial.sql").is_file()
 
 
 def test_fresh_index_has_schema_and_wal(store_dir):
