@@ -778,10 +778,17 @@ class Store:
         """
         kind, _ = parse_ref(ref)
         # A name wins over a digest prefix that happens to spell it: removing a
-        # name is the harmless reading of `rm cafebabe`.
-        if kind != "sha256" and self._exists() and self.index.lookup_name(ref.strip()):
-            self.index.remove_name(ref.strip())
+        # name is the harmless reading of `rm cafebabe`.  One DELETE decides,
+        # so a name another process re-adds meanwhile never turns this into
+        # removing its object.
+        if kind != "sha256" and self._exists() and self.index.remove_name(ref.strip()):
             return "name"
+        if kind == "name":  # never an object: say what resolve says of a missing name
+            raise (
+                too_short(ref)
+                if is_short_prefix(ref.strip())
+                else NotFound(f"no object matches ref {ref!r}", ref=ref)
+            )
         sha = self.resolve(ref)
         obj = self.layout.object_path(sha)
         live = [lk["path"] for lk in self.index.links_of(sha) if is_live(lk, obj)]

@@ -59,7 +59,11 @@ def _start_together(tmp_path: Path, specs: list[dict], env: dict | None = None) 
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.wait()
+            p.wait()
+            # Unread pipes of workers left behind by a failure would surface
+            # as ResourceWarnings in whichever test runs next.
+            p.stdout.close()
+            p.stderr.close()
 
 
 def _artifacts(origin, n: int, size: int = 300_000) -> list[tuple[str, str]]:
