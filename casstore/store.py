@@ -554,8 +554,7 @@ class Store:
                     future.result()
 
         if reqs:
-            with GroupCommit(self.layout, self.index) as committer:
-                run([(g, {}) for g in groups.values()], committer)
+            run([(g, {}) for g in groups.values()], GroupCommit(self.layout, self.index))
             if put_off:  # every lock of this batch is released by now
                 run(put_off, None)
         return results  # type: ignore[return-value]
@@ -834,10 +833,13 @@ class Store:
         kind, _ = parse_ref(ref)
         # A name wins over a digest prefix that happens to spell it: removing a
         # name is the harmless reading of `rm cafebabe`.
-        if kind != "sha256" and self._exists() and self.index.lookup_name(ref.strip()):
-            self.index.remove_name(ref.strip())
+        if kind != "sha256" and self._exists() and self.index.remove_name(ref.strip()):
             return "name"
         sha = self.resolve(ref)
+        if kind == "name":
+            # Another process recorded the name after our removal found none:
+            # a name never removes an object (that read as `rm` before the add).
+            raise NotFound(f"no object matches ref {ref!r}", ref=ref)
         obj = self.layout.object_path(sha)
         live = [lk["path"] for lk in self.index.links_of(sha) if is_live(lk, obj)]
         if live and not force:
