@@ -7,6 +7,8 @@
    ``pooch.retrieve`` in a loop and ``curl -K`` (one process, keep-alive), in
    files/s (target >= 1,500 files/s and >= 3x pooch), with each one's CPU
    time per file (its process and children, the origin's not counted).
+   Last, 4 processes ``get_many`` the same list at once into one store: each
+   file once from the origin, wall time until all are done.
    ``--origin nginx`` (the default when installed) serves them with
    bench_download.py's nginx from tmpfs; ``--origin python`` with tests/origin.py.
 3. The write path alone for those 1,000 files, per-object durability (fsync
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import random
@@ -258,11 +261,44 @@ def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "pyth
         shutil.rmtree(out)
         return elapsed
 
+    def overlapping(items) -> float:
+        """4 processes get_many the same list at once (parallel installs sharing a cache)."""
+        listing = workdir / "items.json"
+        listing.write_text(json.dumps(items))
+        store, go = workdir / "ov", workdir / "go"
+        code = (
+            "import json, os, sys, time\n"
+            "from casstore import Store\n"
+            "s = Store(sys.argv[1]); s.index.conn\n"
+            "open(sys.argv[3], 'w').close()\n"
+            "while not os.path.exists(sys.argv[4]): time.sleep(0.001)\n"
+            "s.get_many([tuple(i) for i in json.load(open(sys.argv[2]))], concurrency=8)\n"
+        )
+        readies = [workdir / f"ready-{i}" for i in range(4)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(store), str(listing), str(r), str(go)], cwd=ROOT
+            )
+            for r in readies
+        ]
+        while not all(r.exists() for r in readies):
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        go.touch()
+        codes = [p.wait() for p in procs]
+        elapsed = time.perf_counter() - t0
+        assert codes == [0] * 4, codes
+        shutil.rmtree(store)
+        for f in [*readies, go]:
+            f.unlink()
+        return elapsed
+
     run("Store.get_many (8 threads)", get_many)
     run("casstore fetch -j 8", cli_fetch)
     run("pooch.retrieve loop", pooch_loop)
     if shutil.which("curl"):
         run("curl -K (keep-alive)", curl_k)
+    run("4 x get_many, same list", overlapping)
     pooch_rate = results["pooch.retrieve loop"]
     for label in ("Store.get_many (8 threads)", "casstore fetch -j 8"):
         print(
