@@ -5,23 +5,30 @@
    against a single ``casstore get`` (target <= 1.3x).
 2. 1,000 files of 4 KiB: ``Store.get_many``, ``casstore fetch -j 8``,
    ``pooch.retrieve`` in a loop and ``curl -K`` (one process, keep-alive), in
-   files/s (target >= 1,500 files/s and >= 3x pooch).
+   files/s (target >= 1,500 files/s and >= 3x pooch), with each one's CPU
+   time per file (its process and children, the origin's not counted).
+   Last, 4 processes ``get_many`` the same list at once into one store: each
+   file once from the origin, wall time until all are done.
+   ``--origin nginx`` (the default when installed) serves them with
+   bench_download.py's nginx from tmpfs; ``--origin python`` with tests/origin.py.
 3. The write path alone for those 1,000 files, per-object durability (fsync
    temp, link, unlink, fsync dir, index row) against the same order with the
    temps synced as a batch first (git's core.fsyncMethod=batch idea).
 
-The origin (tests/origin.py) runs in its own process, fresh for each
+The origin (nginx, or tests/origin.py in its own process) is fresh for each
 contestant, on 127.0.0.1.  Stores go in --dir (default: a temp dir on the
 disk that holds /tmp, since fsync costs are part of what is measured).
 
     .venv/bin/pip install -e '.[test,bench]'
     .venv/bin/python bench/bench_concurrency.py [--size-mib 256] [--files 1000] [--dir DIR]
+        [--only flight|small|fsync] [--origin auto|python|nginx]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import random
@@ -150,19 +157,67 @@ def bench_single_flight(workdir: Path, size_mib: int, procs: int, rounds: int) -
     print(f"exit codes               {sorted(set(codes))}")
 
 
-def bench_small_files(workdir: Path, n: int, file_size: int) -> None:
-    print(f"\n== {n} files of {file_size} B ==")
+@contextmanager
+def static_origin(spec: dict, workdir: Path):
+    """nginx (bench_download.py's set-up) serving ``spec``'s files from tmpfs, counting
+    requests in its access log; the same interface as ``origin_process``."""
+    from bench.bench_download import Origin as Nginx
+
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    work = Path(tempfile.mkdtemp(prefix="casstore-bench-origin-", dir=shm))
+    digests = {}
+    for path, (size, seed) in spec.items():
+        data = random.Random(seed).randbytes(size)
+        target = work / "www" / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        digests[path] = hashlib.sha256(data).hexdigest()
+    log = work / "access.log"
+    server = Nginx(work / "www", work, access_log=log)
+
+    def stats() -> tuple[int, int]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        return len([ln for ln in lines if '"GET ' in ln]), 0
+
+    try:
+        yield f"http://127.0.0.1:{server.port}", digests, stats
+    finally:
+        server.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def nginx_available() -> bool:
+    return bool(shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"))
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its waited-for children so far."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "python") -> None:
+    print(f"\n== {n} files of {file_size} B, origin: {origin}, stores in {workdir} ==")
     spec = {f"/s/{i}.bin": (file_size, 1000 + i) for i in range(n)}
     results: dict[str, float] = {}
 
     def run(label: str, fn) -> None:
-        with origin_process(spec) as (base, digests, stats):
+        serve = static_origin(spec, workdir) if origin == "nginx" else origin_process(spec)
+        with serve as (base, digests, stats):
             items = [(f"{base}{p}", digests[p]) for p in spec]
+            cpu = _cpu()
             elapsed = fn(items)
+            cpu = _cpu() - cpu
             requests, _ = stats()
         assert requests == n, f"{label}: {requests} requests for {n} files"
         results[label] = n / elapsed
-        print(f"{label:28s} {elapsed:6.2f} s  {n / elapsed:8.0f} files/s")
+        print(
+            f"{label:28s} {elapsed:6.2f} s  {n / elapsed:8.0f} files/s"
+            f"  {cpu / n * 1e3:6.2f} ms CPU/file (client)"
+        )
 
     def get_many(items) -> float:
         from casstore import Store
@@ -217,11 +272,44 @@ def bench_small_files(workdir: Path, n: int, file_size: int) -> None:
         shutil.rmtree(out)
         return elapsed
 
+    def overlapping(items) -> float:
+        """4 processes get_many the same list at once (parallel installs sharing a cache)."""
+        listing = workdir / "items.json"
+        listing.write_text(json.dumps(items))
+        store, go = workdir / "ov", workdir / "go"
+        code = (
+            "import json, os, sys, time\n"
+            "from casstore import Store\n"
+            "s = Store(sys.argv[1]); s.index.conn\n"
+            "open(sys.argv[3], 'w').close()\n"
+            "while not os.path.exists(sys.argv[4]): time.sleep(0.001)\n"
+            "s.get_many([tuple(i) for i in json.load(open(sys.argv[2]))], concurrency=8)\n"
+        )
+        readies = [workdir / f"ready-{i}" for i in range(4)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(store), str(listing), str(r), str(go)], cwd=ROOT
+            )
+            for r in readies
+        ]
+        while not all(r.exists() for r in readies):
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        go.touch()
+        codes = [p.wait() for p in procs]
+        elapsed = time.perf_counter() - t0
+        assert codes == [0] * 4, codes
+        shutil.rmtree(store)
+        for f in [*readies, go]:
+            f.unlink()
+        return elapsed
+
     run("Store.get_many (8 threads)", get_many)
     run("casstore fetch -j 8", cli_fetch)
     run("pooch.retrieve loop", pooch_loop)
     if shutil.which("curl"):
         run("curl -K (keep-alive)", curl_k)
+    run("4 x get_many, same list", overlapping)
     pooch_rate = results["pooch.retrieve loop"]
     for label in ("Store.get_many (8 threads)", "casstore fetch -j 8"):
         print(
@@ -333,6 +421,12 @@ def main() -> None:
     parser.add_argument("--file-size", type=int, default=4096)
     parser.add_argument("--dir", help="where the stores go (default: a temp dir under /tmp)")
     parser.add_argument("--only", choices=["flight", "small", "fsync"])
+    parser.add_argument(
+        "--origin",
+        choices=["auto", "python", "nginx"],
+        default="auto",
+        help="origin of the small files (auto: nginx when installed, as bench_download.py)",
+    )
     args = parser.parse_args()
     # Start-up is part of what is measured: run with .pyc files, as installed.
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -344,7 +438,10 @@ def main() -> None:
         if args.only in (None, "flight"):
             bench_single_flight(workdir, args.size_mib, args.procs, args.rounds)
         if args.only in (None, "small"):
-            bench_small_files(workdir, args.files, args.file_size)
+            origin = args.origin
+            if origin == "auto":
+                origin = "nginx" if nginx_available() else "python"
+            bench_small_files(workdir, args.files, args.file_size, origin)
         if args.only in (None, "fsync"):
             bench_batched_fsync(workdir, args.files, args.file_size)
     finally:

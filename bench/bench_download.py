@@ -62,19 +62,21 @@ def free_port() -> int:
 class Origin:
     """nginx with sendfile when available, else a Python server using socket.sendfile."""
 
-    def __init__(self, www: Path, work: Path) -> None:
+    def __init__(self, www: Path, work: Path, *, access_log: Path | None = None) -> None:
+        """``access_log``: nginx logs each request there (one line each), for counting."""
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.server: http.server.ThreadingHTTPServer | None = None
         nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
         if nginx:
+            log = f"access_log {access_log};" if access_log else "access_log off;"
             conf = work / "nginx.conf"
             conf.write_text(
                 f"""
 daemon off; worker_processes 1; pid {work}/nginx.pid; error_log {work}/nginx.err;
 events {{ worker_connections 64; }}
 http {{
-  access_log off; sendfile on; tcp_nopush on; keepalive_timeout 30;
+  {log} sendfile on; tcp_nopush on; keepalive_timeout 30; keepalive_requests 100000;
   client_body_temp_path {work}; proxy_temp_path {work}; fastcgi_temp_path {work};
   uwsgi_temp_path {work}; scgi_temp_path {work};
   server {{ listen 127.0.0.1:{self.port}; root {www}; }}

@@ -28,6 +28,7 @@ from .layout import INDEX, make_dirs
 TYPE_CHECKING = False  # not `typing`: the CLI hit path (hit.py) does not import it
 if TYPE_CHECKING:
     from pathlib import Path
+    from typing import Any
 
     from .layout import Layout
 
@@ -287,6 +288,32 @@ class Index:
                 (sha256, size, blake3, md5, now, now),
             )
             self._record_name_source(conn, sha256, name, source, etag, last_modified, now)
+
+    def record_objects(self, rows: list[tuple[str, int, dict[str, Any]]]) -> None:
+        """``record_object`` for many fresh objects in one transaction (a batch's).
+
+        Each row is (sha256, size, options) with ``record_object``'s keyword
+        options, plus ``also_source``: a second URL (the final one after
+        redirects) recorded for the same object.
+        """
+        now = time.time()
+        with self._write() as conn:
+            for sha256, size, opts in rows:
+                conn.execute(
+                    "INSERT INTO objects (sha256, size, blake3, md5, created, last_used) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET "
+                    "last_used = excluded.last_used, "
+                    "blake3 = coalesce(objects.blake3, excluded.blake3), "
+                    "md5 = coalesce(objects.md5, excluded.md5)",
+                    (sha256, size, opts.get("blake3"), opts.get("md5"), now, now),
+                )
+                self._record_name_source(
+                    conn, sha256, opts.get("name"), opts.get("source"), None, None, now
+                )
+                if opts.get("also_source"):
+                    self._record_name_source(
+                        conn, sha256, None, opts["also_source"], None, None, now
+                    )
 
     def record_use(
         self, sha256: str, size: int, *, name: str | None = None, source: str | None = None

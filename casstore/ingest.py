@@ -6,10 +6,15 @@ Order of a write (SPEC §1, invariants 4 and 5):
    flocked for as long as its writer lives, so gc can tell a dead writer from
    a slow one;
 2. every buffer goes to the hashers and the file in the same pass;
-3. ``commit()`` checks size and digests, sets 0444, fsyncs, then
-   ``link(temp, object)``: EEXIST means another writer published the same
-   content first and is success (``Published.created`` is False);
+3. ``commit()`` checks size and digests (``verify``), sets 0444 and fsyncs
+   (``seal``), then ``link(temp, object)``: EEXIST means another writer
+   published the same content first and is success (``Published.created`` is
+   False);
 4. the temp is unlinked and the object's directory fsynced.
+
+``verify``, ``seal`` and ``publish`` are separate so that a batch
+(batch.py) can do steps 3 and 4 for many temps at once, in the same order
+for each.
 
 The index is written by the caller after this, never before: a visible
 object is never rolled back for an index failure.
@@ -106,6 +111,24 @@ class Ingest:
         Raises:
             SizeMismatch, HashMismatch: the temp is removed, nothing published.
         """
+        actual = self.verify(sha256=sha256, size=size, md5=md5, source=source)
+        self.seal()
+        path, created = publish(self.layout, self.temp, actual, self.hasher.size)
+        return self.published_at(path, created)
+
+    def verify(
+        self,
+        *,
+        sha256: str | None = None,
+        size: int | None = None,
+        md5: str | None = None,
+        source: str = "input",
+    ) -> str:
+        """The sha256 of the bytes written, once they match what was promised.
+
+        Raises:
+            SizeMismatch, HashMismatch: the bytes are not what was promised.
+        """
         h = self.hasher
         if size is not None and h.size != size:
             raise SizeMismatch(
@@ -131,15 +154,26 @@ class Ingest:
                 expected=md5,
                 actual=h.md5,
             )
-        fd, self._fd = self._fd, None
-        try:
-            os.fchmod(fd, OBJECT_MODE)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        path, created = publish(self.layout, self.temp, actual, h.size)
+        return actual
+
+    def seal(self) -> None:
+        """Make the temp read-only and its bytes durable (fchmod 0444, fsync).
+
+        The descriptor, and with it the flock that tells gc this writer is
+        alive, stays open until ``published_at`` or ``abort``.
+        """
+        assert self._fd is not None, "sealed after publish or abort"
+        os.fchmod(self._fd, OBJECT_MODE)
+        os.fsync(self._fd)
+
+    def published_at(self, path: Path, created: bool) -> Published:
+        """Record that ``publish`` made the sealed temp the object at ``path``; close the temp."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        h = self.hasher
         self.published = Published(
-            sha256=actual, size=h.size, blake3=h.blake3, md5=h.md5, path=path, created=created
+            sha256=h.sha256, size=h.size, blake3=h.blake3, md5=h.md5, path=path, created=created
         )
         return self.published
 
@@ -160,12 +194,15 @@ class Ingest:
             self.abort()
 
 
-def publish(layout: Layout, temp: Path, sha256: str, size: int) -> tuple[Path, bool]:
+def publish(
+    layout: Layout, temp: Path, sha256: str, size: int, *, sync_dir: bool = True
+) -> tuple[Path, bool]:
     """Make ``temp`` (already 0444 and fsynced) the object ``sha256``.
 
     Returns the object path and whether this call created it.  Finding the
     object already there is success; one of the wrong size (damaged by hand)
-    is quarantined and replaced.
+    is quarantined and replaced.  With ``sync_dir=False`` the caller must
+    fsync the object's directory (``fsync_dir``) before indexing the object.
     """
     obj = layout.object_path(sha256)
     obj.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +234,7 @@ def publish(layout: Layout, temp: Path, sha256: str, size: int) -> tuple[Path, b
             os.unlink(temp)
         except FileNotFoundError:
             pass
-    if created:
+    if created and sync_dir:
         fsync_dir(obj.parent)
     return obj, created
 

@@ -20,9 +20,9 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from .errors import (
     BatchError,
@@ -50,6 +50,9 @@ from .models import (
 )
 from .refs import is_short_prefix, parse_ref, resolve, too_short
 from .urls import check_url, redact
+
+if TYPE_CHECKING:
+    from .batch import GroupCommit
 
 log = logging.getLogger("casstore")
 PathLike = str | os.PathLike[str]
@@ -139,48 +142,70 @@ class Store:
 
     def ensure(self, request: Request, *, link: str | LinkMode = LinkMode.AUTO) -> Artifact:
         """``get`` for one Request, returning the whole outcome (digest, size, method)."""
-        req = _coerce(request)
-        mode = parse_mode(link)
+        artifact = self._ensure_retrying(_coerce(request), parse_mode(link))
+        assert artifact is not None  # only a batch's item is ever put off
+        return artifact
+
+    def _ensure_retrying(
+        self, req: Request, mode: LinkMode, committer: GroupCommit | None = None
+    ) -> Artifact | None:
         for _ in range(3):
             try:
-                return self._ensure(req, mode)
+                return self._ensure(req, mode, committer)
             except FileNotFoundError:
                 continue  # gc evicted a hit between the look and the use: fetch it
         raise CasError(f"object for {redact(req.url)} kept vanishing", url=redact(req.url))
 
-    def _ensure(self, req: Request, mode: LinkMode) -> Artifact:
+    def _ensure(
+        self, req: Request, mode: LinkMode, committer: GroupCommit | None = None
+    ) -> Artifact | None:
         """``req``'s object, downloaded if the store lacks it, and materialized.
 
         Raises FileNotFoundError if gc evicted a hit before it was used.  A
         download is published and materialized while its artifact lock is
         held, and gc never evicts an object whose lock is held, so a fresh
         download cannot vanish before its caller has used it.
+
+        With a ``committer`` (a batch's item) the lock is only tried: if
+        another process holds it, None is returned and the batch takes this
+        item through the waiting path once it holds no locks of its own (so
+        two batches never wait for each other); a download is published
+        through the committer, in one round with the batch's others.
         """
         source = redact(req.url)
         known = self._known(req)
         if known is not None and self._hit(known, name=req.name, source=source):
             return self._deliver(known, req, mode)
-        from .locks import single_flight
+        key = _flight_key(req, known)
+        if committer is None:
+            from .locks import single_flight
 
-        def published() -> bool:
-            return known is not None and self.layout.object_path(known).exists()
+            def published() -> bool:
+                return known is not None and self.layout.object_path(known).exists()
 
-        with single_flight(
-            self.layout,
-            _flight_key(req, known),
-            label=source,
-            on_wait=log.warning,
-            done=published,
-        ):
+            flight = single_flight(
+                self.layout, key, label=source, on_wait=log.warning, done=published
+            )
+        else:
+            flight = _lock_now(self.layout, key, label=source)
+        with flight as held:
+            if held is None:
+                return None
             if known is None:
                 # Keyed by URL (md5 or trust on first use): whoever held the lock
                 # before us recorded what it fetched; look again.
                 known = self._known(req)
             if known is not None and self._hit(known, name=req.name, source=source):
                 return self._deliver(known, req, mode)
-            published, final_url = self._download(req)
-            # Recorded before the lock is released, so a waiter's look-up finds it.
-            return self._deliver(self._record(req, published, final_url), req, mode)
+            if committer is None:
+                published, final_url = self._download(req)
+                # Recorded before the lock is released, so a waiter's look-up finds it.
+                sha = self._record(req, published, final_url)
+            else:
+                published, _ = self._download(req, committer)  # recorded by the committer
+                sha = published.sha256
+                _warn_trusted(req, sha)
+            return self._deliver(sha, req, mode)
 
     def _deliver(self, sha: str, req: Request, mode: LinkMode) -> Artifact:
         """The Artifact for an object in the store, materialized at ``req.dest`` if given."""
@@ -212,8 +237,7 @@ class Store:
         )
         if final_url != req.url and redact(final_url) != source:
             self.index.record_use(published.sha256, published.size, source=redact(final_url))
-        if req.sha256 is None and req.md5 is None:
-            log.warning("trusting %s on first use: sha256 %s", source, published.sha256)
+        _warn_trusted(req, published.sha256)
         return published.sha256
 
     def _hit(self, sha256: str, *, name: str | None = None, source: str | None = None) -> bool:
@@ -233,8 +257,11 @@ class Store:
             self.index.forget_object(sha256)
         return status == HIT
 
-    def _download(self, req: Request) -> tuple[Published, str]:
-        """Try each source in order; the first whose bytes verify is published."""
+    def _download(
+        self, req: Request, committer: GroupCommit | None = None
+    ) -> tuple[Published, str]:
+        """Try each source in order; the first whose bytes verify is published
+        (with a ``committer``: sealed here, published and indexed in its round)."""
         from .fetch import download
         from .ingest import Ingest
 
@@ -247,9 +274,16 @@ class Store:
                     fetched = download(
                         url, ingest, client=self.client, policy=policy, size=req.size, progress=bar
                     )
-                    published = ingest.commit(
-                        sha256=req.sha256, size=req.size, md5=req.md5, source=redact(url)
-                    )
+                    if committer is None:
+                        published = ingest.commit(
+                            sha256=req.sha256, size=req.size, md5=req.md5, source=redact(url)
+                        )
+                    else:
+                        sha = ingest.verify(
+                            sha256=req.sha256, size=req.size, md5=req.md5, source=redact(url)
+                        )
+                        ingest.seal()
+                        published = committer.commit(ingest, sha, _row(req, ingest, fetched.url))
                 return published, fetched.url
             except (DownloadError, IntegrityFailure) as exc:
                 failures.append(exc)
@@ -464,13 +498,23 @@ class Store:
         that only record names and materialize their ``dest``.  A download
         that failed (DownloadError, IntegrityFailure) is the answer for the
         group's other requests from the same sources too, without asking the
-        origin again; other errors (a bad ``dest``) stay with their item.  ``on_done(i, outcome)``
-        is called from worker threads as each item finishes.
+        origin again; other errors (a bad ``dest``) stay with their item.
+        ``on_done(i, outcome)`` is called from worker threads as each item
+        finishes.
+
+        Downloads are published in rounds (batch.py): each worker fsyncs its
+        own temp, one committer links, fsyncs each directory once and indexes
+        every temp handed over meanwhile in one transaction.  A worker only
+        tries an artifact's lock; a group whose lock another process holds is
+        put off until this batch holds no locks, then waits for it as ``get``
+        does, so two batches over overlapping lists never wait on each other.
 
         Raises:
             InvalidInput: a malformed request, before anything is downloaded.
         """
         from concurrent.futures import ThreadPoolExecutor
+
+        from .batch import GroupCommit
 
         reqs = [_coerce(r) for r in requests]
         mode = parse_mode(link)
@@ -478,31 +522,43 @@ class Store:
         for i, req in enumerate(reqs):
             groups.setdefault(_flight_key(req, req.sha256), []).append(i)
         results: list[Artifact | CasError | None] = [None] * len(reqs)
+        Failed = dict[tuple[str, ...], CasError]
+        put_off: list[tuple[list[int], Failed]] = []
+        put_off_lock = threading.Lock()
 
-        def run_group(indices: list[int]) -> None:
-            failed: dict[tuple[str, ...], CasError] = {}
-            for i in indices:
+        def run_group(indices: list[int], failed: Failed, committer: GroupCommit | None) -> None:
+            for n, i in enumerate(indices):
                 req = reqs[i]
                 sources = (req.url, *req.mirrors)
-                outcome: Artifact | CasError
+                outcome: Artifact | CasError | None
                 if sources in failed:
                     outcome = failed[sources]
                 else:
                     try:
-                        outcome = self.ensure(req, link=mode)
+                        outcome = self._ensure_retrying(req, mode, committer)
                     except (DownloadError, IntegrityFailure) as exc:
                         outcome = failed[sources] = exc  # the source's fault: shared
                     except CasError as exc:
                         outcome = exc  # e.g. this item's dest: its own
+                    if outcome is None:  # another process holds its lock
+                        with put_off_lock:
+                            put_off.append((indices[n:], failed))
+                        return
                 results[i] = outcome
                 if on_done is not None:
                     on_done(i, outcome)
 
-        if reqs:
-            workers = max(1, min(concurrency, len(groups)))
+        def run(jobs: list[tuple[list[int], Failed]], committer: GroupCommit | None) -> None:
+            workers = max(1, min(concurrency, len(jobs)))
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casstore") as pool:
-                for future in [pool.submit(run_group, g) for g in groups.values()]:
+                futures = [pool.submit(run_group, g, f, committer) for g, f in jobs]
+                for future in futures:
                     future.result()
+
+        if reqs:
+            run([(g, {}) for g in groups.values()], GroupCommit(self.layout, self.index))
+            if put_off:  # every lock of this batch is released by now
+                run(put_off, None)
         return results  # type: ignore[return-value]
 
     # -- put -----------------------------------------------------------------
@@ -809,6 +865,42 @@ class Store:
                 pass
             self.index.forget_object(sha)
         return "object"
+
+
+# single_flight's timeout for a lock that is only tried: the first attempt, no wait.
+_NO_WAIT = 1e-9
+
+
+@contextlib.contextmanager
+def _lock_now(layout: Layout, key: str, *, label: str) -> Iterator[bool | None]:
+    """The artifact lock if it is free now: yields True (held), False (locking is
+    off: go on without it) or None (another holds it, or it cannot be taken:
+    the caller takes the waiting path instead)."""
+    from .locks import lock_timeout, single_flight
+
+    if lock_timeout() <= 0:
+        yield False
+        return
+    with single_flight(layout, key, label=label, timeout=_NO_WAIT) as held:
+        yield True if held else None
+
+
+def _row(req: Request, ingest: Any, final_url: str) -> dict[str, Any]:
+    """A fresh download's index row options, as ``_record`` writes them one at a time."""
+    source = redact(req.url)
+    final = redact(final_url)
+    return {
+        "blake3": ingest.hasher.blake3,
+        "md5": ingest.hasher.md5,
+        "name": req.name,
+        "source": source,
+        "also_source": final if final_url != req.url and final != source else None,
+    }
+
+
+def _warn_trusted(req: Request, sha256: str) -> None:
+    if req.sha256 is None and req.md5 is None:
+        log.warning("trusting %s on first use: sha256 %s", redact(req.url), sha256)
 
 
 def _flight_key(req: Request, known: str | None) -> str:

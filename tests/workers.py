@@ -57,6 +57,17 @@ def get_threads(store: Store, spec: dict) -> dict:
     return {"paths": paths, "errors": errors}
 
 
+def get_many(store: Store, spec: dict) -> dict:
+    """One ``get_many`` of ``requests`` (url, sha256) in a seeded shuffled order."""
+    items = [tuple(r) for r in spec["requests"]]
+    random.Random(spec.get("seed", 0)).shuffle(items)
+    try:
+        paths = store.get_many(items, concurrency=spec.get("concurrency", 8))
+    except CasError as exc:
+        return {"paths": [], "errors": [f"{type(exc).__name__}: {exc}"]}
+    return {"paths": [str(p) for p in paths], "errors": []}
+
+
 def put_many(store: Store, spec: dict) -> dict:
     """``count`` puts of distinct small blobs, each with a name."""
     errors = []
@@ -118,7 +129,12 @@ def random_ops(store: Store, spec: dict) -> dict:
     return {"errors": errors, "counts": counts}
 
 
-JOBS = {"get_threads": get_threads, "put_many": put_many, "random_ops": random_ops}
+JOBS = {
+    "get_threads": get_threads,
+    "get_many": get_many,
+    "put_many": put_many,
+    "random_ops": random_ops,
+}
 
 
 def main() -> None:

@@ -1,0 +1,213 @@
+"""Batches (``get_many``, ``fetch``) published in group-commit rounds (batch.py).
+
+Real processes, a real origin counting requests, real SIGKILLs; interleavings
+are forced with the origin's gates and the store's own locks, never sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from casstore import BatchError, DownloadError, HashMismatch, Request, Store
+from casstore.ingest import parse_temp_name
+from casstore.locks import single_flight
+
+from .conftest import assert_store_consistent, blob, sha
+from .test_races import ROOT, _start_together
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _small(origin, n: int, *, size: int = 4096, prefix: str = "s") -> list[tuple[str, str]]:
+    out = []
+    for i in range(n):
+        data = blob(size + i, seed=1000 + i)
+        out.append((origin.add(f"/{prefix}-{i}.bin", data), sha(data)))
+    return out
+
+
+def _path(url: str) -> str:
+    return "/" + url.split("/", 3)[3]
+
+
+def test_batches_in_processes_over_overlapping_lists_fetch_each_url_once(
+    tmp_path, store_dir, origin
+):
+    arts = _small(origin, 60)
+    rng = random.Random(7)
+    specs = []
+    for i in range(4):  # each process: 40 of the 60, in its own order, overlapping the others
+        subset = rng.sample(arts, 40)
+        specs.append({"job": "get_many", "store": str(store_dir), "seed": i, "requests": subset})
+    # Two more processes take the command line's path: `casstore fetch -j 8`.
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{u}#{d}\n" for u, d in arts))
+    fetchers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "casstore", "-q", "fetch", str(listing), "-j", "8"],
+            cwd=ROOT,
+            env={**os.environ, "CASSTORE_DIR": str(store_dir)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    try:
+        results = _start_together(tmp_path, specs)
+        outs = [p.communicate(timeout=90) for p in fetchers]
+    finally:
+        for p in fetchers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(fetchers, outs, strict=True):
+        assert p.returncode == 0, err.decode()
+    layout = Store(store_dir).layout
+    for url, digest in arts:
+        assert origin.count(_path(url)) == 1, url
+        obj = layout.object_path(digest)
+        assert sha(obj.read_bytes()) == digest
+    for spec, result in zip(specs, results, strict=True):
+        assert sorted(result["paths"]) == sorted(
+            str(layout.object_path(d)) for _, d in spec["requests"]
+        )
+    for _, out_err in zip(fetchers, outs, strict=True):
+        printed = out_err[0].decode().split()
+        assert printed == [str(layout.object_path(d)) for _, d in arts]
+    assert os.listdir(store_dir / "tmp") == []
+    assert_store_consistent(store_dir)
+
+
+def test_an_item_failing_inside_a_batch_does_not_stop_the_others(tmp_path, store_dir, origin):
+    good = _small(origin, 30)
+    wrong = origin.add("/wrong.bin", blob(5000, seed=1))
+    cut = origin.add("/cut.bin", blob(9000, seed=2), truncate_at=100, truncate_times=99)
+    missing = origin.url("/missing.bin")
+    bad = [
+        Request(wrong, sha256=sha(b"something else")),
+        Request(cut, sha256=sha(blob(9000, seed=2))),
+        Request(missing, sha256=sha(b"nothing")),
+    ]
+    requests: list = [
+        Request(u, sha256=d, dest=str(tmp_path / "out" / f"{i}.bin"))
+        for i, (u, d) in enumerate(good)
+    ]
+    for n, item in enumerate(bad):  # spread among the good ones
+        requests.insert(5 + 10 * n, item)
+    with Store(store_dir, retries=1, backoff_max=0) as store, pytest.raises(BatchError) as info:
+        store.get_many(requests, concurrency=4)
+    results = info.value.results
+    failures = {r.url: r for r in results if isinstance(r, Exception)}
+    assert isinstance(failures[wrong], HashMismatch)
+    assert isinstance(failures[cut], DownloadError)
+    assert isinstance(failures[missing], DownloadError)
+    assert info.value.exit_code == DownloadError.exit_code  # the worst: 4 over 3
+    for i, (url, digest) in enumerate(good):
+        dest = tmp_path / "out" / f"{i}.bin"
+        assert dest in results
+        assert sha(dest.read_bytes()) == digest
+        assert origin.count(_path(url)) == 1
+    assert origin.count("/cut.bin") == 2  # retried once, then given up
+    assert not Store(store_dir).layout.object_path(sha(b"something else")).exists()
+    assert os.listdir(store_dir / "tmp") == []
+    assert_store_consistent(store_dir)
+
+
+def test_an_item_locked_by_another_process_is_put_off_not_waited_for(store, store_dir, origin):
+    held_art, *others = _small(origin, 6)
+    holding = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:  # stands in for another process downloading held_art
+        with single_flight(store.layout, held_art[1], label="other") as got:
+            assert got
+            holding.set()
+            release.wait(60)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert holding.wait(30)
+    done: list[int] = []
+
+    def on_done(i: int, outcome: object) -> None:
+        done.append(i)
+        if len(done) == len(others):  # every other item finished while the lock was held
+            release.set()
+
+    try:
+        # One worker: waiting for the held lock first would finish nothing else.
+        outcomes = store.ensure_many([held_art, *others], concurrency=1, on_done=on_done)
+    finally:
+        release.set()
+        t.join()
+    assert done[-1] == 0 and sorted(done[:-1]) == list(range(1, len(others) + 1))
+    assert [o.sha256 for o in outcomes] == [d for _, d in [held_art, *others]]
+    for url, _ in [held_art, *others]:
+        assert origin.count(_path(url)) == 1
+    assert_store_consistent(store_dir)
+
+
+def _batch_process(store_dir: Path, items: list[tuple[str, str]], out) -> subprocess.Popen:
+    code = (
+        "import json, sys\n"
+        "from casstore import Store\n"
+        "items = [tuple(x) for x in json.loads(sys.argv[2])]\n"
+        "Store(sys.argv[1]).get_many(items, concurrency=4)\n"
+    )
+    import json
+
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(store_dir), json.dumps(items)],
+        cwd=ROOT,
+        stdout=out,
+        stderr=out,
+    )
+
+
+@pytest.mark.parametrize("gate_after", [0, 2048, 4096], ids=["headers", "mid-body", "whole-body"])
+def test_killed_batch_leaves_no_partial_object_and_no_dangling_row(
+    tmp_path, store_dir, origin, gate_after
+):
+    """SIGKILL while one item of a batch is stalled in transfer (or, with the whole
+    body sent, anywhere in verify/seal/commit) and the others are downloading,
+    publishing and indexing in rounds around it."""
+    arts = _small(origin, 40)
+    data = blob(4096, seed=99)
+    gated = origin.add("/gated.bin", data, gate_after=gate_after, chunk=1024)
+    items = [*arts[:20], (gated, sha(data)), *arts[20:]]
+    route = origin.routes["/gated.bin"]
+    with open(tmp_path / "batch.log", "wb") as log:
+        proc = _batch_process(store_dir, items, log)
+        try:
+            assert route.sent_event.wait(60), "the gated item was never requested"
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if gate_after < len(data):  # the body never arrived whole: nothing of it is visible
+        assert not Store(store_dir).layout.object_path(sha(data)).exists()
+    # A dead writer's temps may remain (gc's to sweep); nothing partial, no dangling row.
+    for name in os.listdir(store_dir / "tmp"):
+        assert parse_temp_name(name)[1] == proc.pid, name
+    assert_store_consistent(store_dir, allow_temps=True)
+    route.gate.set()
+    with Store(store_dir) as store:
+        store.gc()
+        assert os.listdir(store_dir / "tmp") == []
+        paths = store.get_many(items, concurrency=4)
+    assert [sha(p.read_bytes()) for p in paths] == [d for _, d in items]
+    for url, _ in items:
+        # Each at most twice: once by the killed batch, once after it if it had not
+        # been published by then.
+        assert 1 <= origin.count(_path(url)) <= 2, url
+    assert_store_consistent(store_dir)
