@@ -81,7 +81,9 @@ def serve(argv: list[str]) -> int | None:
                 os.path.join(root, lock_name(sha256)),
                 label=url,
                 on_wait=None if quiet else _warn,
-                done=lambda: os.path.exists(obj),
+                # Published and indexed: the holder's row is there to read, so
+                # a crowd of waiters does not queue up to write it themselves.
+                done=lambda: os.path.exists(obj) and index.get_object(sha256) is not None,
             )
             status, _ = lookup(obj, index, sha256, source=url)
     except (CasError, OSError):
