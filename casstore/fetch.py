@@ -30,14 +30,15 @@ from a local nginx to tmpfs on 2 cores, against ``curl -o``):
   cost ~1 CPU-s per GiB (64 KiB chunks through httpcore and h11, a bytes
   object each, joined again); the socket, 0.3.  Everything else (chunked,
   content-coded, HTTP/2, TLS inside a proxy's TLS, small) goes through
-  ``iter_raw()``;
+  ``iter_raw()``, as does every body of ``adownload``;
 - httpx is imported without its command line and the CA bundle is loaded on
   the first TLS handshake: ~60 ms less before the first request.
 
-Together: 3.0 -> 2.0 CPU-s per GiB, 1.8x -> ~1.2-1.3x the time of ``curl -o``
-(median; curl itself needs ~1.05 CPU-s: receive and write, nothing else).
-The floor on 2 cores is about 1.1x: ~2.0 CPU-s of work plus nginx's 0.15
-shared by two cores, after ~0.13 s of start-up on one.
+Together, side by side in one run (7 rounds): 3.0 -> 2.0 CPU-s per GiB and
+1.80x -> 1.27x the time of ``curl -o`` by median, 1.50x -> 1.20x by best
+round; peak RSS 48 -> 38 MiB.  curl needs ~1.05 CPU-s (receive and write,
+nothing else), so the floor on 2 cores is about 1.1x: ~2.0 CPU-s of work
+plus nginx's 0.15 shared by two cores, after ~0.13 s of start-up on one.
 
 The sync and async paths share every decision (the pure helpers below and
 one ``_Transfer`` state object); only the byte loop is written twice, as in
