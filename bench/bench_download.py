@@ -3,8 +3,10 @@
 One local origin (nginx if installed, else a small sendfile Python server) serves
 one file from tmpfs (/dev/shm); every contestant downloads it to tmpfs, side by
 side in one run, round-robin, so drift hits all of them alike.  Prints each
-one's median wall time as a ratio to ``curl -o``, its throughput and peak RSS
-(ru_maxrss of the process and the children it waited for).
+one's median wall time as a ratio to ``curl -o``, its throughput, peak RSS
+(ru_maxrss of the process and the children it waited for), and where the CPU
+went: the contestant's user+sys seconds per GiB, the origin's meanwhile, and
+the least wall time those two allow on this machine's CPUs ("floor").
 
     python bench/bench_download.py               # 1 GiB, 5 rounds
     python bench/bench_download.py --size 64M --rounds 3   # a quick check
@@ -18,8 +20,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.server
+import math
 import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -29,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -96,12 +101,36 @@ http {{
             except OSError:
                 time.sleep(0.05)
 
+    def cpu(self) -> float:
+        """User + sys CPU seconds the origin has used so far (nginx: its workers)."""
+        if self.proc is None:
+            # The Python origin serves from threads of this process, idle otherwise.
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            return usage.ru_utime + usage.ru_stime
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in _children(self.proc.pid):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        return total
+
     def close(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(10)
         if self.server is not None:
             self.server.shutdown()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
 
 
 def _python_origin(www: Path, port: int) -> http.server.ThreadingHTTPServer:
@@ -129,8 +158,16 @@ def _python_origin(www: Path, port: int) -> http.server.ThreadingHTTPServer:
 TIME = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
 
 
-def run(cmd: list[str], *, shell: bool = False) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one command and the children it waited for.
+class Run(NamedTuple):
+    wall: float  # seconds
+    rss: int  # peak bytes
+    cpu: float  # user + sys seconds of the command and the children it waited for
+    origin_cpu: float  # user + sys seconds the origin spent meanwhile (nan if unknown)
+
+
+def run(cmd: list[str], *, shell: bool = False, origin: Origin | None = None) -> Run:
+    """Wall seconds, peak RSS (bytes) and CPU seconds of one command and the
+    children it waited for, and the origin's CPU seconds meanwhile.
 
     RSS comes from GNU time when installed: a child forked from this Python
     process starts with its high-water mark (~25 MiB), which would floor
@@ -142,10 +179,12 @@ def run(cmd: list[str], *, shell: bool = False) -> tuple[float, int]:
         fd, rss_file = tempfile.mkstemp(suffix=".rss")
         os.close(fd)
         argv = [TIME, "-f", "%M", "-o", rss_file, *argv]
+    origin_before = origin.cpu() if origin else math.nan
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    origin_cpu = (origin.cpu() if origin else math.nan) - origin_before
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {cmd}")
@@ -153,7 +192,18 @@ def run(cmd: list[str], *, shell: bool = False) -> tuple[float, int]:
     if rss_file:
         rss = int(Path(rss_file).read_text().split()[-1]) * 1024
         os.unlink(rss_file)
-    return wall, rss
+    return Run(wall, rss, usage.ru_utime + usage.ru_stime, origin_cpu)
+
+
+def compile_casstore() -> None:
+    """Byte-compile casstore as pip does when it installs a wheel: run from a
+    source tree under PYTHONDONTWRITEBYTECODE, every get would compile its
+    modules again (~40 ms of its start)."""
+    import compileall
+
+    import casstore
+
+    compileall.compile_dir(Path(casstore.__file__).parent, quiet=1)
 
 
 def main() -> None:
@@ -177,8 +227,7 @@ def main() -> None:
     env_python = sys.executable
     store = work / "store"
 
-    def casstore() -> tuple[float, int]:
-        shutil.rmtree(store, ignore_errors=True)
+    def casstore() -> Run:
         return run(
             [
                 env_python,
@@ -191,24 +240,24 @@ def main() -> None:
                 url,
                 "--sha256",
                 digest,
-            ]
+            ],
+            origin=origin,
         )
 
-    def pooch() -> tuple[float, int]:
-        shutil.rmtree(out / "pooch", ignore_errors=True)
+    def pooch() -> Run:
         code = (
             "import pooch; pooch.retrieve("
             f"{url!r}, known_hash='sha256:{digest}', path={str(out / 'pooch')!r}, "
             "fname='blob.bin', progressbar=False)"
         )
-        return run([env_python, "-c", code])
+        return run([env_python, "-c", code], origin=origin)
 
     contestants = {
-        "curl -o": lambda: run(["curl", "-sS", "-o", str(out / "curl.bin"), url]),
+        "curl -o": lambda: run(["curl", "-sS", "-o", str(out / "curl.bin"), url], origin=origin),
         "casstore get": casstore,
-        "wget -O": lambda: run(["wget", "-q", "-O", str(out / "wget.bin"), url]),
+        "wget -O": lambda: run(["wget", "-q", "-O", str(out / "wget.bin"), url], origin=origin),
         "curl|tee|sha256sum": lambda: run(
-            [f"curl -sS {url} | tee {out / 'tee.bin'} | sha256sum"], shell=True
+            [f"curl -sS {url} | tee {out / 'tee.bin'} | sha256sum"], shell=True, origin=origin
         ),
         "pooch.retrieve": pooch,
     }
@@ -222,32 +271,61 @@ def main() -> None:
         keep = {n.strip() for n in args.only.split(",")} | {"curl -o"}
         contestants = {k: v for k, v in contestants.items() if k in keep}
 
-    results: dict[str, list[tuple[float, int]]] = {k: [] for k in contestants}
+    results: dict[str, list[Run]] = {k: [] for k in contestants}
+    compile_casstore()
     try:
         run(["curl", "-sS", "-o", os.devnull, url])  # warm-up
         for r in range(args.rounds):
             for name, fn in contestants.items():
+                # Each contestant writes into memory freed just before it starts.  On a
+                # VM that hands free pages back to its host (virtio free page
+                # reporting), a page freed seconds earlier costs a host fault on first
+                # touch: left to chance, that made `curl -o` (which ran after pooch's
+                # long run) take 3x the time it takes right after a free.
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(store, ignore_errors=True)
+                out.mkdir()
                 results[name].append(fn())
-                for f in out.glob("*.bin"):
-                    f.unlink()
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+            walls = "  ".join(
+                f"{name} {runs[-1].wall:.2f}s ({runs[-1].cpu:.2f} CPU-s)"
+                for name, runs in results.items()
+            )
+            print(f"round {r + 1}/{args.rounds}: {walls}", file=sys.stderr)
     finally:
         origin.close()
         shutil.rmtree(work, ignore_errors=True)
 
-    base = statistics.median(w for w, _ in results["curl -o"])
+    base = statistics.median(r.wall for r in results["curl -o"])
+    best_base = min(r.wall for r in results["curl -o"])
+    gib = size / (1 << 30)
+    ncpu = os.cpu_count() or 1
     print(
         f"\n{size / (1 << 20):.0f} MiB over loopback from {origin.kind}, to tmpfs; "
-        f"median of {args.rounds}; {os.cpu_count()} CPUs"
+        f"{args.rounds} rounds; {ncpu} CPUs"
     )
-    print(f"{'contestant':<20} {'median s':>9} {'x curl':>7} {'GB/s':>6} {'peak RSS MiB':>13}")
+    print(
+        f"{'contestant':<20} {'median s':>9} {'x curl':>7} {'best s':>7} {'x curl':>7}"
+        f" {'GB/s':>6} {'peak RSS MiB':>13} {'CPU s/GiB':>10} {'origin':>7} {'floor s':>8}"
+    )
     for name, runs in results.items():
-        wall = statistics.median(w for w, _ in runs)
-        rss = max(m for _, m in runs)
+        wall = statistics.median(r.wall for r in runs)
+        best = min(r.wall for r in runs)
+        rss = max(r.rss for r in runs)
+        cpu = statistics.median(r.cpu for r in runs)
+        origin_cpu = statistics.median(r.origin_cpu for r in runs)
+        # No schedule on ncpu cores beats (client + origin CPU) / ncpu, nor the
+        # busiest single thread; the first is printed as the floor.
+        floor = (cpu + origin_cpu) / ncpu
         print(
-            f"{name:<20} {wall:>9.3f} {wall / base:>7.2f} {size / wall / 1e9:>6.2f} "
-            f"{rss / (1 << 20):>13.1f}"
+            f"{name:<20} {wall:>9.3f} {wall / base:>7.2f} {best:>7.3f} {best / best_base:>7.2f}"
+            f" {size / wall / 1e9:>6.2f} {rss / (1 << 20):>13.1f} {cpu / gib:>10.2f}"
+            f" {origin_cpu / gib:>7.2f} {floor:>8.3f}"
         )
+    print(
+        "best: the fastest round (the least disturbed by other load); CPU s/GiB (median): "
+        "user+sys of the command and its children;\norigin: the origin's user+sys meanwhile; "
+        f"floor: (both) / {ncpu} CPUs, the least wall time that much CPU allows"
+    )
 
 
 if __name__ == "__main__":

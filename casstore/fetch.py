@@ -1,8 +1,8 @@
 """Bytes from a URL into a sink: the only module that imports httpx.
 
 A sink is anything with ``write(bytes)``, ``reset()`` and ``size`` (an
-``ingest.Ingest``; ``ensure_space(n)`` is used when present); this module
-knows nothing of the store or SQL.
+``ingest.Ingest``; ``ensure_space(n)``, ``update`` and ``append`` are used
+when present, see ``Sink``); this module knows nothing of the store or SQL.
 
 One download is a series of attempts under a retry policy (SPEC §5):
 
@@ -17,8 +17,28 @@ One download is a series of attempts under a retry policy (SPEC §5):
 - a body longer than Content-Length or the expected size is never accepted,
   a short one is resumed, then reported as a ``DownloadError``.
 
-Bytes are hashed and written by a worker thread in 1 MiB buffers
-(``_Pipeline``), overlapping with receiving; measured, not assumed.
+Speed, measured, not assumed (``bench/bench_download.py``: a cold 1 GiB get
+from a local nginx to tmpfs on 2 cores, against ``curl -o``):
+
+- bytes are hashed on a worker thread in 1 MiB buffers (``_Pipeline``) while
+  the receiving thread writes them: hashing (sha256 ~0.6 + blake3 ~0.25
+  CPU-s per GiB) costs about as much as receiving and writing (~0.3 + 0.5),
+  so one thread doing hash and write was the bottleneck;
+- the body of a large plain HTTP/1.1 response (``SOCKET_MIN``) is read with
+  ``recv_into`` straight from the connection's socket into those buffers,
+  after httpx has parsed the headers (``_body_socket``).  httpx's own reads
+  cost ~1 CPU-s per GiB (64 KiB chunks through httpcore and h11, a bytes
+  object each, joined again); the socket, 0.3.  Everything else (chunked,
+  content-coded, HTTP/2, TLS inside a proxy's TLS, small) goes through
+  ``iter_raw()``, as does every body of ``adownload``;
+- httpx is imported without its command line and the CA bundle is loaded on
+  the first TLS handshake: ~60 ms less before the first request.
+
+Together, side by side in one run (7 rounds): 3.0 -> 2.0 CPU-s per GiB and
+1.80x -> 1.27x the time of ``curl -o`` by median, 1.50x -> 1.20x by best
+round; peak RSS 48 -> 38 MiB.  curl needs ~1.05 CPU-s (receive and write,
+nothing else), so the floor on 2 cores is about 1.1x: ~2.0 CPU-s of work
+plus nginx's 0.15 shared by two cores, after ~0.13 s of start-up on one.
 
 The sync and async paths share every decision (the pure helpers below and
 one ``_Transfer`` state object); only the byte loop is written twice, as in
@@ -47,6 +67,8 @@ from .errors import CasError, DownloadError, InvalidInput, SizeMismatch
 from .urls import local_path, redact
 
 if TYPE_CHECKING:
+    import ssl
+
     import httpx
 
 log = logging.getLogger("casstore")
@@ -58,6 +80,13 @@ BACKOFF_INITIAL = 0.5
 RETRY_AFTER_MAX = 60.0
 MAX_REDIRECTS = 10
 READ_CHUNK = 1 << 20
+# A body above this is read straight from the socket (see _body_socket).  That
+# saves ~0.7 ms of CPU per MiB but costs the connection: the next request to the
+# host connects again (one or two round trips with TLS).  Only a link faster
+# than httpx can read (~1 GB/s: loopback, a fast LAN, where round trips are
+# cheap) gains; on a WAN it is the reconnect alone, so it is kept for bodies
+# big enough for one reconnect to be small beside them.
+SOCKET_MIN = 16 << 20
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 
 # Called with (bytes so far, total or None) after every chunk.
@@ -69,6 +98,11 @@ _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.I)
 
 
 class Sink(Protocol):
+    """``write`` may be handed a view of a buffer that is reused once it returns:
+    keep a copy, never the view.  A sink that also has ``update(data)`` (hash
+    only) and ``append(data)`` (write only), as ``Ingest`` has, gets the two
+    halves of ``write`` on two threads, each in order."""
+
     size: int
 
     def write(self, data: bytes | memoryview) -> None: ...
@@ -161,16 +195,46 @@ def _env_number(name: str, default: float) -> float:
 # -- clients -----------------------------------------------------------------
 
 
-def _client_options(timeout: float) -> dict[str, Any]:
+def _httpx() -> Any:
+    """httpx, imported without loading its command line.
+
+    ``httpx/__init__`` imports ``httpx._main``, which imports click, rich and
+    pygments whenever they are installed: ~35 ms of a cold ``get``'s start,
+    for a CLI we never run.  Hiding the module during the import makes httpx
+    take its own fallback; ``httpx.main`` is then put back as a function that
+    imports the real one on call, so nothing else changes.
+    """
+    import sys
+
+    if "httpx" not in sys.modules and "httpx._main" not in sys.modules:
+        sys.modules["httpx._main"] = None  # type: ignore[assignment]
+        try:
+            import httpx
+        finally:
+            del sys.modules["httpx._main"]
+
+        def main(*args: Any, **kwargs: Any) -> Any:
+            from httpx._main import main as real
+
+            return real(*args, **kwargs)
+
+        httpx.main = main
     import httpx
+
+    return httpx
+
+
+def _client_options(timeout: float) -> dict[str, Any]:
+    httpx = _httpx()
 
     return {
         "follow_redirects": True,
         "max_redirects": MAX_REDIRECTS,
         "timeout": httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         # Proxies (HTTP(S)_PROXY, NO_PROXY) and SSL_CERT_FILE from the environment;
-        # TLS is always verified (verify=True is httpx's default and never turned off).
+        # TLS is always verified, as with httpx's default verify=True.
         "trust_env": True,
+        "verify": _tls_context(),
         # Bytes as stored on the origin: a .tar.gz served with
         # Content-Encoding: gzip must not be decompressed (pip does the same).
         "headers": {"User-Agent": f"casstore/{__version__}", "Accept-Encoding": "identity"},
@@ -178,15 +242,68 @@ def _client_options(timeout: float) -> dict[str, Any]:
 
 
 def new_client(*, timeout: float = DEFAULT_TIMEOUT) -> httpx.Client:
-    import httpx
+    httpx = _httpx()
 
     return httpx.Client(**_client_options(timeout))
 
 
 def new_async_client(*, timeout: float = DEFAULT_TIMEOUT) -> httpx.AsyncClient:
-    import httpx
+    httpx = _httpx()
 
     return httpx.AsyncClient(**_client_options(timeout))
+
+
+def _tls_context() -> ssl.SSLContext:
+    """The verifying TLS context httpx would make, loading its CA certificates
+    on first use instead of when the client is made.
+
+    ``httpx.Client()`` loads the CA bundle at once (20-50 ms here), even for a
+    process that only fetches http:// URLs.  This context is a plain
+    ``ssl.SSLContext(PROTOCOL_TLS_CLIENT)``: hostname checked, certificate
+    required, and until loaded it trusts nothing, so it fails closed.  It
+    loads what httpx's ``verify=True`` loads: ``SSL_CERT_FILE``, else
+    ``SSL_CERT_DIR``, else certifi's bundle.  Every TLS handshake goes
+    through ``wrap_socket`` (httpcore, sync) or ``wrap_bio`` (anyio, and TLS
+    inside a proxy's TLS).
+    """
+    import ssl
+    import sys
+    import threading
+
+    lock = threading.Lock()
+
+    class LazyTrust(ssl.SSLContext):
+        loaded = False
+
+        def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+            self._load()
+            return super().wrap_socket(*args, **kwargs)
+
+        def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+            self._load()
+            return super().wrap_bio(*args, **kwargs)
+
+        def _load(self) -> None:
+            with lock:
+                if self.loaded:
+                    return
+                if os.environ.get("SSL_CERT_FILE"):
+                    self.load_verify_locations(cafile=os.environ["SSL_CERT_FILE"])
+                elif os.environ.get("SSL_CERT_DIR"):
+                    self.load_verify_locations(capath=os.environ["SSL_CERT_DIR"])
+                else:
+                    import certifi
+
+                    self.load_verify_locations(cafile=certifi.where())
+                self.loaded = True
+
+    context = LazyTrust(ssl.PROTOCOL_TLS_CLIENT)
+    context.verify_mode = ssl.CERT_REQUIRED  # PROTOCOL_TLS_CLIENT's defaults, said out loud
+    context.check_hostname = True
+    keylog = os.environ.get("SSLKEYLOGFILE")  # as ssl.create_default_context does
+    if keylog and not sys.flags.ignore_environment:
+        context.keylog_filename = keylog
+    return context
 
 
 # -- the state of one download, and the decisions shared by sync and async ----
@@ -223,6 +340,7 @@ class _Transfer:
     last_modified: str | None = None
     final_url: str = ""
     resumable: bool = True
+    direct: bool = False  # large bodies may be read from the socket (see download)
 
     def __post_init__(self) -> None:
         self.shown = redact(self.url)
@@ -237,17 +355,24 @@ class _Transfer:
 
 
 class _Pipeline:
-    """A sink that hands the received bytes, gathered into ~1 MiB buffers, to one
-    worker thread which writes them to the real sink (hash + write).
+    """A sink that hands the received bytes, in ~1 MiB buffers, to one worker
+    thread: sha256, blake3 and ``os.write`` release the GIL on large buffers,
+    so the work overlaps with receiving.
 
-    sha256, blake3 and ``os.write`` release the GIL on large buffers, so hashing
-    overlaps with httpx parsing the next reads.  Measured on 2 cores against a
-    local nginx (1 GiB to tmpfs): 2.2x the time of ``curl -o`` hashing on the
-    receiving thread, 2.1x handing over each 64 KiB read (queue and GIL traffic
-    eat the gain), 1.2x with 1 MiB buffers, at no more CPU in total.  Memory is
-    bounded by the queue: ``DEPTH`` buffers.  Bodies under one buffer never
-    start the thread.  A write error in the worker surfaces on the next call as
-    a CasError naming the URL (never retried: it is our disk, not the network).
+    Two ways in.  ``write(bytes)`` gathers httpx's reads into a buffer that
+    the worker hashes and writes.  ``buffer()`` / ``submit()`` lend one of
+    ``DEPTH`` reusable buffers to a caller receiving into it
+    (``socket.recv_into``): no allocation or copy per read.  When the sink
+    can hash and write separately (``update`` / ``append``, as ``Ingest``
+    can), a submitted buffer is written on the receiving thread and hashed on
+    the worker, which then returns it to the pool: hashing 1 GiB costs about
+    as much CPU as receiving and writing it, so one thread doing both hash
+    and write was the bottleneck.
+
+    Memory is bounded: ``DEPTH`` buffers of each kind.  Bodies under one
+    buffer never start the thread.  A write error (either thread) surfaces on
+    the next call as a CasError naming the URL (never retried: it is our
+    disk, not the network).
     """
 
     BATCH = 1 << 20
@@ -259,8 +384,12 @@ class _Pipeline:
         self.size = sink.size  # bytes received: written or on their way
         self._parts: list[bytes] = []
         self._pending = 0
+        self._gathered = False  # gathered bytes are queued, not yet written
         self._queue: Any = None
         self._thread: Any = None
+        self._free: Any = None  # lent buffers back from the worker
+        self._lent = 0
+        self._split = hasattr(sink, "update") and hasattr(sink, "append")
         self._error: BaseException | None = None
         self.ensure_space = getattr(sink, "ensure_space", None)
 
@@ -271,6 +400,31 @@ class _Pipeline:
         if self._pending >= self.BATCH:
             self._hand_over()
 
+    def buffer(self) -> memoryview:
+        """A ``BATCH``-byte buffer to receive into; blocks while all are in the worker."""
+        if self._parts or self._gathered:
+            # Gathered bytes reach the file before a submitted buffer is appended.
+            self.flush()
+        if self._free is None:
+            import queue
+
+            self._free = queue.SimpleQueue()
+        if self._lent < self.DEPTH and self._free.empty():
+            self._lent += 1
+            return memoryview(bytearray(self.BATCH))
+        return self._free.get()
+
+    def submit(self, buf: memoryview, n: int) -> None:
+        """Hand ``buf[:n]`` (from ``buffer()``) on; the worker gives ``buf`` back."""
+        if n == 0:
+            self._free.put(buf)
+            return
+        self.size += n
+        self._start()
+        self._queue.put((buf, n))
+        if self._split:
+            self._disk(self.sink.append, buf[:n])  # type: ignore[attr-defined]
+
     def reset(self) -> None:
         self.flush()
         self.sink.reset()
@@ -280,7 +434,7 @@ class _Pipeline:
         """Wait until every byte received is in the sink."""
         if self._thread is None:
             if self._parts:
-                self._write(b"".join(self._parts))
+                self._disk(self.sink.write, b"".join(self._parts))
                 self._parts, self._pending = [], 0
         else:
             import threading
@@ -289,6 +443,7 @@ class _Pipeline:
             done = threading.Event()
             self._queue.put(done)
             done.wait()
+            self._gathered = False
         if self._error is not None:
             raise self._error
 
@@ -308,6 +463,13 @@ class _Pipeline:
             return
         buf = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         self._parts, self._pending = [], 0
+        self._start()
+        self._queue.put(buf)
+        self._gathered = True
+
+    def _start(self) -> None:
+        if self._error is not None:
+            raise self._error
         if self._thread is None:
             import queue
             import threading
@@ -317,30 +479,39 @@ class _Pipeline:
                 target=self._work, name="casstore-hash-write", daemon=True
             )
             self._thread.start()
-        self._queue.put(buf)
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             if isinstance(item, bytes):
-                if self._error is None:
-                    try:
-                        self._write(item)
-                    except BaseException as exc:  # handed to the receiving thread
-                        self._error = exc
+                self._work_on(self.sink.write, item)
+            elif isinstance(item, tuple):
+                buf, n = item
+                sink = self.sink
+                self._work_on(sink.update if self._split else sink.write, buf[:n])  # type: ignore[attr-defined]
+                self._free.put(buf)
             else:
                 item.set()
 
-    def _write(self, buf: bytes) -> None:
+    def _work_on(self, fn: Callable[[Any], None], buf: bytes | memoryview) -> None:
+        if self._error is None:
+            try:
+                self._disk(fn, buf)
+            except BaseException as exc:  # handed to the receiving thread
+                self._error = exc
+
+    def _disk(self, fn: Callable[[Any], None], buf: bytes | memoryview) -> None:
         try:
-            self.sink.write(buf)
+            fn(buf)
         except OSError as exc:
             # Our disk, not the network: never retried.  The caller's Ingest removes the temp.
             what = "no space left" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-            raise CasError(
+            error = CasError(
                 f"cannot write the download of {self.shown} into the store: {what}",
                 url=self.shown,
                 errno=exc.errno,
-            ) from exc
+            )
+            self._error = self._error or error
+            raise error from exc
 
 
 def _request_headers(t: _Transfer, sink: Sink) -> dict[str, str]:
@@ -522,10 +693,16 @@ def download(
     policy: Policy | None = None,
     size: int | None = None,
     progress: ProgressHook | None = None,
+    verified: bool = False,
 ) -> Fetched:
     """Stream ``url`` into ``sink``, retrying and resuming under ``policy``.
 
-    Blocks.  ``size`` is the expected whole size, when known.
+    Blocks.  ``size`` is the expected whole size, when known.  ``verified``
+    says the caller checks the bytes against a known digest afterwards; only
+    then is a large body read straight from the socket (``_body_socket``),
+    which trusts httpx to hand over all it buffered in its first chunk: were
+    that ever not so, the digest check, not a silent trust-on-first-use,
+    would catch it.
 
     Raises:
         DownloadError: the source failed (after retries where that helps).
@@ -534,10 +711,10 @@ def download(
     """
     if url.lower().startswith("file:"):
         return _download_file(url, sink, progress)
-    import httpx
+    httpx = _httpx()
     import tenacity
 
-    t = _Transfer(url, size, policy or Policy.from_env(), progress)
+    t = _Transfer(url, size, policy or Policy.from_env(), progress, direct=verified)
     auth = _auth(url)
     sink = _Pipeline(sink, t.shown)
     try:
@@ -549,8 +726,7 @@ def download(
                         "GET", url, headers=headers, auth=auth, timeout=t.policy.timeout
                     ) as r:
                         _accept(t, sink, r.status_code, r.headers, r.reason_phrase, str(r.url))
-                        for chunk in r.iter_raw():
-                            _write(t, sink, chunk)
+                        _receive(t, sink, r)
                         return _finish(t, sink)
                 except (httpx.HTTPError, httpx.InvalidURL) as exc:
                     raise _from_httpx(exc, t) from exc
@@ -561,6 +737,81 @@ def download(
     finally:
         sink.close()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _receive(t: _Transfer, sink: _Pipeline, r: httpx.Response) -> None:
+    """Read ``r``'s body into ``sink``: the bulk of a large plain body straight
+    from the socket (``_body_socket``), anything else through httpx."""
+    chunks = r.iter_raw()
+    sock = _body_socket(r, t, sink)
+    if sock is not None:
+        # httpx yields all that h11 holds (what came with the headers) as one
+        # chunk, else reads once: after one chunk, the rest is in the socket.
+        for chunk in chunks:
+            _write(t, sink, chunk)
+            break
+        end = _limit(t)
+        if end is not None and sink.size < end:
+            # h11 never sees the body end, so closing the response closes the
+            # connection instead of returning it to the pool.
+            _recv_body(t, sink, sock, end - sink.size)
+            return
+    for chunk in chunks:
+        _write(t, sink, chunk)
+
+
+def _body_socket(r: httpx.Response, t: _Transfer, sink: _Pipeline) -> Any:
+    """The socket to read the rest of ``r``'s body from, or None to read it through httpx.
+
+    Only for an HTTP/1.1 body of a known length above ``SOCKET_MIN`` sent as is
+    (no chunking, no content coding) on a socket of its own: plain TCP, or
+    TLS that the socket itself decrypts.  Not for TLS inside a proxy's TLS,
+    where httpcore decrypts through a memory BIO and the socket carries the
+    outer layer.
+    """
+    if not t.direct or r.http_version != "HTTP/1.1" or "transfer-encoding" in r.headers:
+        return None
+    if r.headers.get("content-encoding", "identity").strip().lower() != "identity":
+        return None
+    length = _content_length(r.headers)
+    if length is None or length < SOCKET_MIN or _limit(t) != sink.size + length:
+        return None
+    stream = r.extensions.get("network_stream")
+    if stream is None:
+        return None
+    import socket
+    import ssl
+
+    sock = stream.get_extra_info("socket")
+    if not isinstance(sock, socket.socket):
+        return None
+    if isinstance(stream.get_extra_info("ssl_object"), ssl.SSLObject):
+        return None
+    return sock
+
+
+def _recv_body(t: _Transfer, sink: _Pipeline, sock: Any, remaining: int) -> None:
+    """``remaining`` bytes from ``sock`` into ``sink``'s buffers; returns early at EOF
+    (``_finish`` then resumes).  Timeouts and resets raise OSError (retried)."""
+    sock.settimeout(t.policy.timeout)
+    progress = t.progress
+    while remaining > 0:
+        buf = sink.buffer()
+        want = min(len(buf), remaining)
+        got = 0
+        try:
+            while got < want:
+                n = sock.recv_into(buf[got:want])
+                if not n:
+                    break
+                got += n
+                if progress is not None:
+                    progress(sink.size + got, t.total)
+        finally:
+            sink.submit(buf, got)  # what arrived before a failure is kept for a resume
+        if got < want:
+            return
+        remaining -= got
 
 
 async def adownload(
@@ -580,7 +831,7 @@ async def adownload(
         import asyncio
 
         return await asyncio.to_thread(_download_file, url, sink, progress)
-    import httpx
+    httpx = _httpx()
     import tenacity
 
     t = _Transfer(url, size, policy or Policy.from_env(), progress)

@@ -80,7 +80,19 @@ class Ingest:
         return self.hasher.size
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.update(data)
+        self.append(data)
+
+    # ``write`` in two halves, so a caller can run them on two threads (fetch.py
+    # hashes on one while it receives and writes on the other): each half must
+    # see every buffer, in order.
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        """Hash ``data`` without writing it."""
         self.hasher.update(data)
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` to the temp without hashing it."""
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)

@@ -272,7 +272,13 @@ class Store:
             try:
                 with Ingest(self.layout, md5=req.md5 is not None, size_hint=req.size) as ingest:
                     fetched = download(
-                        url, ingest, client=self.client, policy=policy, size=req.size, progress=bar
+                        url,
+                        ingest,
+                        client=self.client,
+                        policy=policy,
+                        size=req.size,
+                        progress=bar,
+                        verified=req.sha256 is not None or req.md5 is not None,
                     )
                     if committer is None:
                         published = ingest.commit(

@@ -5,6 +5,7 @@ assert on what the origin saw: requests per path, Range headers, bytes sent.
 Interleavings are forced from outside through ``Route.gate`` (the origin
 stops after ``gate_after`` bytes until the test sets the event) and
 ``Route.sent_event`` (set once ``gate_after`` bytes have gone out).
+``Origin(tls=(certfile, keyfile))`` serves https instead of http.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import socket
+import ssl
+import struct
 import sys
 import threading
 import time
@@ -28,9 +31,11 @@ class Route:
     headers: dict[str, str] = field(default_factory=dict)
     ranges: bool = True
     etag: str | None = None
-    # Cut the connection after this many body bytes, for the first N requests.
+    # Cut the connection after this many body bytes, for the first N requests;
+    # with reset, by a TCP reset (RST) instead of a clean close (FIN).
     truncate_at: int | None = None
     truncate_times: int = 1
+    reset: bool = False
     # Announce a wrong Content-Length.
     content_length: int | None = None
     redirect_to: str | None = None
@@ -59,12 +64,13 @@ class Seen:
     method: str
     path: str
     headers: dict[str, str]
+    port: int = 0  # the client's port: one per connection
     status: int = 0
     sent: int = 0
 
 
 class Origin:
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[str, str] | None = None) -> None:
         self.routes: dict[str, Route] = {}
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
@@ -96,8 +102,12 @@ class Origin:
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
@@ -132,7 +142,8 @@ class Origin:
 
     def _serve(self, h: BaseHTTPRequestHandler, *, head: bool) -> None:
         path = h.path.split("?", 1)[0]
-        seen = Seen(h.command, path, {k.lower(): v for k, v in h.headers.items()})
+        asked = {k.lower(): v for k, v in h.headers.items()}
+        seen = Seen(h.command, path, asked, port=h.client_address[1])
         with self._lock:
             self.seen.append(seen)
             nth = len([s for s in self.seen if s.path == path and s.method == h.command])
@@ -194,7 +205,13 @@ class Origin:
             h.close_connection = True
             try:
                 h.wfile.flush()
-                h.connection.shutdown(2)
+                if route.reset:
+                    # A zero linger time makes close() send RST rather than FIN.
+                    linger = struct.pack("ii", 1, 0)
+                    h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                    h.connection.close()
+                else:
+                    h.connection.shutdown(2)
             except OSError:
                 pass
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,13 +22,29 @@ from casstore.errors import (
     InvalidInput,
     SizeMismatch,
 )
-from casstore.fetch import Policy, _content_range, _delay, _Retry, _retry_after, parse_header
+from casstore.fetch import (
+    SOCKET_MIN,
+    Policy,
+    _content_range,
+    _delay,
+    _Retry,
+    _retry_after,
+    download,
+    new_client,
+    parse_header,
+)
 
 from .conftest import assert_store_consistent, blob, run_in_pty, sha
+from .origin import Origin
 
 pytestmark = pytest.mark.timeout(60)
 
 DATA = blob(300_000, seed=4)
+# Bodies under 1 MiB are written on the receiving thread, larger ones by a worker.
+BIG = blob(3 * (1 << 20) + 17, seed=5)
+# Above SOCKET_MIN, all but httpx's first chunk is read straight from the socket.
+HUGE = blob(SOCKET_MIN + (2 << 20) + 123, seed=6)
+CUT = SOCKET_MIN + 777_777  # past the first chunk, mid-buffer
 
 
 @pytest.fixture(autouse=True)
@@ -97,24 +114,36 @@ def test_other_4xx_fail_at_once(store, store_dir, origin):
     assert_store_consistent(store_dir)
 
 
-def test_read_timeout_is_retried_and_resumed(store_dir, origin):
-    route_url = origin.add("/stall", DATA, gate_after=100_000)
+@pytest.mark.parametrize(("data", "cut"), [(DATA, 100_000), (HUGE, CUT)])
+def test_read_timeout_is_retried_and_resumed(store_dir, origin, data, cut):
+    route_url = origin.add("/stall", data, gate_after=cut)
     with Store(store_dir, timeout=0.3) as s:
-        assert s.get(route_url, sha256=sha(DATA)).read_bytes() == DATA
+        assert s.get(route_url, sha256=sha(data)).read_bytes() == data
     seen = origin.requests("/stall")
     assert len(seen) == 2
-    assert seen[1].headers["range"] == "bytes=100000-"
+    assert seen[1].headers["range"] == f"bytes={cut}-"
+    assert_store_consistent(store_dir)
+
+
+@pytest.mark.parametrize(("data", "cut"), [(DATA, 100_000), (HUGE, CUT)])
+def test_connection_reset_mid_body_is_retried_and_resumed(store, store_dir, origin, data, cut):
+    url = origin.add("/reset", data, truncate_at=cut, reset=True)
+    assert store.get(url, sha256=sha(data)).read_bytes() == data
+    seen = origin.requests("/reset")
+    assert [s.status for s in seen] == [200, 206]
+    # The reset may discard bytes still in flight: the resume starts at or before the cut.
+    start = int(seen[1].headers["range"].removeprefix("bytes=").rstrip("-"))
+    assert 0 < start <= cut
     assert_store_consistent(store_dir)
 
 
 # -- resume and size checks ------------------------------------------------------
 
 
-# Bodies under 1 MiB are written on the receiving thread, larger ones by a worker.
-BIG = blob(3 * (1 << 20) + 17, seed=5)
+SIZES = [(DATA, 120_000), (BIG, 2_500_000), (HUGE, CUT)]
 
 
-@pytest.mark.parametrize(("data", "cut"), [(DATA, 120_000), (BIG, 2_500_000)])
+@pytest.mark.parametrize(("data", "cut"), SIZES)
 def test_truncated_transfer_resumes_with_one_range_request(store, store_dir, origin, data, cut):
     url = origin.add("/cut", data, truncate_at=cut)
     assert store.get(url, sha256=sha(data)).read_bytes() == data
@@ -140,7 +169,7 @@ def test_resume_uses_last_modified_without_a_strong_etag(store, store_dir, origi
     assert_store_consistent(store_dir)
 
 
-@pytest.mark.parametrize(("data", "cut"), [(DATA, 120_000), (BIG, 2_500_000)])
+@pytest.mark.parametrize(("data", "cut"), SIZES)
 def test_without_range_support_restarts_and_still_verifies(store, store_dir, origin, data, cut):
     url = origin.add("/norange", data, truncate_at=cut, ranges=False)
     assert store.get(url, sha256=sha(data)).read_bytes() == data
@@ -170,10 +199,11 @@ def test_short_transfer_after_retries_is_a_download_error(store_dir, origin):
     assert_store_consistent(store_dir)
 
 
-def test_body_longer_than_content_length_is_never_published(store, store_dir, origin):
-    url = origin.add("/long", DATA, content_length=len(DATA) - 10)
+@pytest.mark.parametrize("data", [DATA, HUGE])
+def test_body_longer_than_content_length_is_never_published(store, store_dir, origin, data):
+    url = origin.add("/long", data, content_length=len(data) - 10)
     with pytest.raises(HashMismatch):
-        store.get(url, sha256=sha(DATA))
+        store.get(url, sha256=sha(data))
     assert not (store_dir / "sha256").exists() or not list((store_dir / "sha256").rglob("*"))[2:]
     assert _temps(store_dir) == []
     assert_store_consistent(store_dir)
@@ -209,8 +239,9 @@ def test_announced_size_beyond_free_space_is_refused(store, store_dir, origin):
     assert_store_consistent(store_dir)
 
 
-def test_write_error_is_clear_and_removes_the_temp(run_cli, store_dir, origin):
-    url = origin.add("/big", blob(3 << 20, seed=9))
+@pytest.mark.parametrize("size", [3 << 20, SOCKET_MIN + (1 << 20)])
+def test_write_error_is_clear_and_removes_the_temp(run_cli, store_dir, origin, size):
+    url = origin.add("/big", blob(size, seed=9))
 
     def limit_file_size():  # Python ignores SIGXFSZ, so write() fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
@@ -229,6 +260,130 @@ def test_write_error_is_clear_and_removes_the_temp(run_cli, store_dir, origin):
     assert err.count("\n") == 1
     assert origin.count("/big") == 1  # a disk error is not retried
     assert _temps(store_dir) == []
+    assert_store_consistent(store_dir)
+
+
+# -- large bodies straight from the socket ---------------------------------------
+# After a body read from the socket, httpx never saw its end, so the connection is
+# closed instead of going back to the pool: the client's port, as the origin saw
+# it, tells which path a body took.
+
+
+def test_large_body_from_the_socket_leaves_its_connection_unused(store, store_dir, origin):
+    small = origin.add("/small", DATA)
+    huge = origin.add("/huge", HUGE)
+    after = origin.add("/after", BIG)
+    assert store.get(small, sha256=sha(DATA)).read_bytes() == DATA
+    assert store.get(huge, sha256=sha(HUGE)).read_bytes() == HUGE
+    assert store.get(after, sha256=sha(BIG)).read_bytes() == BIG  # the client still works
+    ports = [s.port for s in origin.requests()]
+    assert ports[1] == ports[0]  # through httpx: back to the pool, reused
+    assert ports[2] != ports[1]  # from the socket: closed
+    assert_store_consistent(store_dir)
+
+
+def test_large_body_trusted_on_first_use_goes_through_httpx(store, store_dir, origin):
+    """No digest to check it against: httpx reads the whole body (download's ``verified``)."""
+    url = origin.add("/tofu", HUGE)
+    after = origin.add("/after", DATA)
+    assert store.get(url).read_bytes() == HUGE
+    assert store.get(after, sha256=sha(DATA)).read_bytes() == DATA
+    first, second = origin.requests()
+    assert first.port == second.port
+    assert_store_consistent(store_dir)
+
+
+def test_large_body_with_a_content_coding_goes_through_httpx(store, store_dir, origin):
+    url = origin.add("/coded", HUGE, headers={"Content-Encoding": "gzip"})
+    after = origin.add("/after", DATA)
+    assert store.get(url, sha256=sha(HUGE)).read_bytes() == HUGE  # as served, not decoded
+    assert store.get(after, sha256=sha(DATA)).read_bytes() == DATA
+    first, second = origin.requests()
+    assert first.port == second.port
+    assert_store_consistent(store_dir)
+
+
+class _Memory:
+    """The smallest sink: no separate update/append, so the worker does both."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.size = 0
+
+    def write(self, data) -> None:
+        self.data += data
+        self.size += len(data)
+
+    def reset(self) -> None:
+        self.data.clear()
+        self.size = 0
+
+
+def test_large_body_progress_and_resume_into_any_sink(origin):
+    url = origin.add("/progress", HUGE, truncate_at=CUT)
+    sink, calls = _Memory(), []
+    with new_client() as client:
+        fetched = download(
+            url, sink, client=client, progress=lambda *a: calls.append(a), verified=True
+        )
+    assert bytes(sink.data) == HUGE and fetched.attempts == 2
+    assert calls[-1] == (len(HUGE), len(HUGE))
+    done = [n for n, _ in calls]
+    assert done == sorted(done) and len(done) > len(HUGE) // (1 << 20)
+    assert origin.requests("/progress")[1].headers["range"] == f"bytes={CUT}-"
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory) -> tuple[str, str]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs openssl to make a certificate")
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = str(where / "cert.pem"), str(where / "key.pem")
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"),
+            *("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-keyout", key, "-out", cert, "-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
+@pytest.fixture
+def tls_origin(tls_cert):
+    o = Origin(tls=tls_cert)
+    yield o
+    o.close()
+
+
+def test_https_large_body_from_the_tls_socket(tls_origin, tls_cert, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", tls_cert[0])
+    urls = [
+        tls_origin.add("/cut", HUGE, truncate_at=CUT),
+        tls_origin.add("/whole", HUGE),
+        tls_origin.add("/after", DATA),
+    ]
+    with new_client() as client:
+        for url, data in zip(urls, (HUGE, HUGE, DATA), strict=True):
+            sink = _Memory()
+            download(url, sink, client=client, verified=True)
+            assert bytes(sink.data) == data
+    seen = tls_origin.requests()
+    assert [s.path for s in seen] == ["/cut", "/cut", "/whole", "/after"]
+    assert seen[1].headers["range"] == f"bytes={CUT}-" and seen[1].status == 206
+    assert seen[2].port == seen[1].port  # the resumed remainder, small: through httpx
+    assert seen[3].port != seen[2].port  # /whole came from the TLS socket
+
+
+def test_https_certificate_is_verified(store, store_dir, tls_origin):
+    url = tls_origin.add("/untrusted", DATA)
+    with pytest.raises(DownloadError, match="CERTIFICATE_VERIFY_FAILED"):
+        store.get(url, sha256=sha(DATA))
+    assert tls_origin.requests() == []  # refused during the handshake
     assert_store_consistent(store_dir)
 
 
