@@ -33,6 +33,14 @@ if TYPE_CHECKING:
     from .layout import Layout
 
 BUSY_TIMEOUT_MS = 120_000
+# A fresh object's row; an existing row keeps its digests and takes the new last use.
+_UPSERT_OBJECT = (
+    "INSERT INTO objects (sha256, size, blake3, md5, created, last_used) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET "
+    "last_used = excluded.last_used, "
+    "blake3 = coalesce(objects.blake3, excluded.blake3), "
+    "md5 = coalesce(objects.md5, excluded.md5)"
+)
 
 
 class Migration:
@@ -279,14 +287,7 @@ class Index:
         """Insert or refresh an object's row, with its name and source, in one transaction."""
         now = time.time()
         with self._write() as conn:
-            conn.execute(
-                "INSERT INTO objects (sha256, size, blake3, md5, created, last_used) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET "
-                "last_used = excluded.last_used, "
-                "blake3 = coalesce(objects.blake3, excluded.blake3), "
-                "md5 = coalesce(objects.md5, excluded.md5)",
-                (sha256, size, blake3, md5, now, now),
-            )
+            conn.execute(_UPSERT_OBJECT, (sha256, size, blake3, md5, now, now))
             self._record_name_source(conn, sha256, name, source, etag, last_modified, now)
 
     def record_objects(self, rows: list[tuple[str, int, dict[str, Any]]]) -> None:
@@ -300,12 +301,7 @@ class Index:
         with self._write() as conn:
             for sha256, size, opts in rows:
                 conn.execute(
-                    "INSERT INTO objects (sha256, size, blake3, md5, created, last_used) "
-                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET "
-                    "last_used = excluded.last_used, "
-                    "blake3 = coalesce(objects.blake3, excluded.blake3), "
-                    "md5 = coalesce(objects.md5, excluded.md5)",
-                    (sha256, size, opts.get("blake3"), opts.get("md5"), now, now),
+                    _UPSERT_OBJECT, (sha256, size, opts.get("blake3"), opts.get("md5"), now, now)
                 )
                 self._record_name_source(
                     conn, sha256, opts.get("name"), opts.get("source"), None, None, now

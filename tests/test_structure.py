@@ -108,6 +108,14 @@ def test_cli_cache_hit_imports_no_heavy_module(tmp_path, origin, entry, also_abs
     assert origin.count("/hit") == 1
 
 
+def _reap(*procs: subprocess.Popen | None) -> None:
+    """Kill what a failed test left running."""
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 @pytest.mark.timeout(60)
 def test_get_waiting_on_another_download_stays_light(tmp_path, origin):
     """A crowd behind one download costs little more than a crowd of hits: the
@@ -142,10 +150,7 @@ def test_get_waiting_on_another_download_stays_light(tmp_path, origin):
         holder.communicate(timeout=30)
         assert holder.returncode == 0
     finally:
-        for p in (holder, waiter):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
+        _reap(holder, waiter)
     assert waiter.returncode == 0, err
     assert out.decode().strip().endswith(sha(data))
     assert "LOADED []" in err.decode(), err.decode()
@@ -176,10 +181,7 @@ def test_get_that_gives_up_waiting_downloads_without_waiting_again(tmp_path, ori
         out, err = waiter.communicate(timeout=30)
         assert holder.wait(30) == 0
     finally:
-        for p in (holder, waiter):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
+        _reap(holder, waiter)
     assert waiter.returncode == 0, err
     assert out.decode().strip().endswith(sha(data))
     assert "waiting" not in err.decode() and "not granted" not in err.decode(), err.decode()
