@@ -61,6 +61,7 @@ def single_flight(
     timeout: float | None = None,
     on_wait: Callable[[str], None] | None = None,
     done: Callable[[], bool] | None = None,
+    wait: bool = True,
 ) -> Iterator[bool]:
     """Hold the lock for ``key`` while the block runs; yields whether it is held.
 
@@ -68,7 +69,8 @@ def single_flight(
     passes a second, and one if the lock is given up on.  ``done`` is polled
     while waiting: once it is true (the holder published the object) the wait
     ends without the lock, so many waiters do not queue up one by one just to
-    find the object there.
+    find the object there.  ``wait=False`` tries once: a batch's item whose
+    lock is taken is put off rather than waited for.
     """
     path = layout.lock_path(key)
     if _process_locks:
@@ -81,7 +83,7 @@ def single_flight(
         yield False
         return
     layout.ensure()
-    fd = _acquire(layout.lock_path(key), label=label, timeout=timeout, on_wait=on_wait, done=done)
+    fd = _acquire(path, label=label, timeout=timeout if wait else 0.0, on_wait=on_wait, done=done)
     try:
         yield fd is not None
     finally:

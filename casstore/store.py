@@ -873,10 +873,6 @@ class Store:
         return "object"
 
 
-# single_flight's timeout for a lock that is only tried: the first attempt, no wait.
-_NO_WAIT = 1e-9
-
-
 @contextlib.contextmanager
 def _lock_now(layout: Layout, key: str, *, label: str) -> Iterator[bool | None]:
     """The artifact lock if it is free now: yields True (held), False (locking is
@@ -887,7 +883,7 @@ def _lock_now(layout: Layout, key: str, *, label: str) -> Iterator[bool | None]:
     if lock_timeout() <= 0:
         yield False
         return
-    with single_flight(layout, key, label=label, timeout=_NO_WAIT) as held:
+    with single_flight(layout, key, label=label, wait=False) as held:
         yield True if held else None
 
 
