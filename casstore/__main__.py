@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -11,7 +12,13 @@ def main() -> None:
 
     code = serve(sys.argv[1:])
     if code is not None:
-        sys.exit(code)
+        # Served: the path is written and flushed, the index row committed.
+        # Skipping the interpreter's teardown (module clean-up, and closing
+        # SQLite, which checkpoints the WAL) saves a hit ~2-3 ms of CPU, and
+        # most of the tail when a crowd of waiters wakes at once (15 waiters:
+        # ~50 ms from the holder's release to the last exit, ~15 ms without).
+        sys.stderr.flush()
+        os._exit(code)
     from .cli import main as cli_main
 
     cli_main()

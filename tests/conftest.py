@@ -123,3 +123,22 @@ def run_in_pty(args: list[str], env: dict[str, str]) -> tuple[int, str]:
 
 
 __all__ = ["assert_store_consistent", "blob", "run_in_pty", "sha"]
+
+
+def import_probe(entry: str, watched: tuple[str, ...]) -> str:
+    """A program running casstore's ``main`` from ``entry`` that says on stderr
+    which of ``watched`` it had loaded before (``LOADED [...]``) and each one it
+    imports while running (``IMPORTED name``).  It reports as things happen,
+    not on exit: a served hit leaves through ``os._exit``."""
+    return (
+        "import sys\n"
+        f"watched = {watched!r}\n"
+        "print('LOADED', sorted(m for m in watched if m in sys.modules), file=sys.stderr)\n"
+        "class Watch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name in watched:\n"
+        "            print('IMPORTED', name, file=sys.stderr, flush=True)\n"
+        "sys.meta_path.insert(0, Watch())\n"
+        f"from {entry} import main\n"
+        "main()\n"
+    )

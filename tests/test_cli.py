@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import assert_store_consistent, blob, sha
+from .conftest import assert_store_consistent, blob, import_probe, sha
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -218,12 +218,7 @@ def test_hit_and_miss_print_the_same_path_however_the_store_is_spelled(
         timeout=30,
     )
     # The hit must be served by the fast path (hit.py), which spells the root itself.
-    probe = (
-        "import sys, atexit\n"
-        "atexit.register(lambda: print('FULL CLI', 'click' in sys.modules, file=sys.stderr))\n"
-        "from casstore.__main__ import main\n"
-        "main()\n"
-    )
+    probe = import_probe("casstore.__main__", ("click",))
     hit = subprocess.run(
         [sys.executable, "-c", probe, *args],
         cwd=tmp_path,
@@ -233,7 +228,7 @@ def test_hit_and_miss_print_the_same_path_however_the_store_is_spelled(
     )
     assert miss.returncode == 0 and hit.returncode == 0, (miss.stderr, hit.stderr)
     assert hit.stdout == miss.stdout
-    assert b"FULL CLI False" in hit.stderr
+    assert b"LOADED []" in hit.stderr and b"IMPORTED" not in hit.stderr, hit.stderr
     path = miss.stdout.decode().strip()
     assert path == f"{tmp_path}/{root}/sha256/{sha(data)[:2]}/{sha(data)[2:4]}/{sha(data)}"
     assert Path(path).is_file()

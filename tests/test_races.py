@@ -6,6 +6,7 @@ they all wait for; the origin counts what it served.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -100,6 +101,103 @@ def test_threads_of_one_process_exclude_each_other(store, store_dir):
     with single_flight(store.layout, "k", label="thing", timeout=5) as got:
         assert got
     assert (store_dir / "locks" / "k.lock").exists()  # never unlinked
+
+
+def _flock(path: Path) -> int:
+    """A descriptor holding the flock of ``path``, as another process would."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _free(path: Path) -> bool:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _eventually(condition, what: str) -> None:
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def _flock_threads() -> set[threading.Thread]:
+    """Threads in which a waiter blocks in flock (locks._BlockedFlock); the objects,
+    not their idents, which a new thread may reuse."""
+    return {t for t in threading.enumerate() if t.name == "casstore-flock"}
+
+
+def _blocked_waiter(
+    store, **options
+) -> tuple[Path, int, dict, threading.Thread, set[threading.Thread]]:
+    """A thread waiting in ``single_flight`` for the lock of "k", which a holder
+    (the returned descriptor) has; returns once the waiter blocks in flock.
+    The waiter's ``outcome`` says what it held, and whether anyone else could
+    take the lock while it did; last come its flock threads."""
+    store.layout.ensure()
+    lock = store.layout.lock_path("k")
+    holder = _flock(lock)
+    outcome: dict = {}
+
+    def wait() -> None:
+        with single_flight(store.layout, "k", label="thing", timeout=60, **options) as held:
+            outcome["held"] = held
+            outcome["inode"] = os.stat(lock).st_ino
+            outcome["free meanwhile"] = _free(lock)
+
+    others = _flock_threads()  # other tests' abandoned flocks may still be ending
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    _eventually(lambda: _flock_threads() - others, "the waiter never blocked in flock")
+    assert waiter.is_alive() and not outcome
+    return lock, holder, outcome, waiter, _flock_threads() - others
+
+
+def _ended(threads: set[threading.Thread]) -> bool:
+    return not any(t.is_alive() for t in threads)
+
+
+def test_a_waiter_blocks_in_flock_and_holds_the_lock_once_released(store):
+    lock, holder, outcome, waiter, flocks = _blocked_waiter(store)
+    os.close(holder)
+    waiter.join(30)
+    assert outcome == {"held": True, "inode": os.stat(lock).st_ino, "free meanwhile": False}
+    assert _free(lock)
+    _eventually(lambda: _ended(flocks), "a flock thread outlived its waiter")
+
+
+def test_a_waiter_that_stops_waiting_leaves_no_lock_behind(store):
+    published = threading.Event()
+    lock, holder, outcome, waiter, flocks = _blocked_waiter(store, done=published.is_set)
+    published.set()  # the holder published: the waiter stops waiting without the lock
+    waiter.join(30)
+    assert outcome["held"] is False
+    # Its abandoned flock is granted once the holder lets go, and dropped at once.
+    os.close(holder)
+    _eventually(lambda: _ended(flocks), "the abandoned flock never returned")
+    assert _free(lock)
+
+
+def test_a_waiter_follows_a_lock_file_gc_replaced(store):
+    lock, old, outcome, waiter, blocked_on_old = _blocked_waiter(store)
+    # gc removes the file while holding it; a newcomer locks a new file there.
+    lock.unlink()
+    new = _flock(lock)
+    os.close(old)  # the waiter is granted the orphan inode: that excludes nobody
+    _eventually(
+        lambda: _flock_threads() - blocked_on_old, "the waiter did not move to the new file"
+    )
+    assert waiter.is_alive() and not outcome
+    os.close(new)
+    waiter.join(30)
+    assert outcome == {"held": True, "inode": os.stat(lock).st_ino, "free meanwhile": False}
 
 
 def test_processes_and_threads_fetch_each_url_once(tmp_path, store_dir, origin):

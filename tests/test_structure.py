@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import blob, sha
+from .conftest import blob, import_probe, sha
 
 PACKAGE = Path(__file__).resolve().parent.parent / "casstore"
 HEAVY = ("httpx", "blake3", "sqlite_utils", "tenacity", "rich", "yaml")
@@ -60,18 +60,6 @@ def test_lower_layers_do_not_import_store():
             assert "store" not in deps, f"{module} imports store"
 
 
-def _probe(entry: str, watched: tuple[str, ...]) -> str:
-    """A program running casstore's ``main`` from ``entry`` that reports on exit
-    which of ``watched`` it imported."""
-    return (
-        "import sys, atexit\n"
-        f"atexit.register(lambda: print('LOADED', sorted(m for m in {watched!r}"
-        " if m in sys.modules), file=sys.stderr))\n"
-        f"from {entry} import main\n"
-        "main()\n"
-    )
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("entry", "also_absent"),
@@ -92,7 +80,7 @@ def test_cli_cache_hit_imports_no_heavy_module(tmp_path, origin, entry, also_abs
         [
             sys.executable,
             "-c",
-            _probe(entry, HEAVY + also_absent),
+            import_probe(entry, HEAVY + also_absent),
             "get",
             url,
             "--sha256",
@@ -105,6 +93,7 @@ def test_cli_cache_hit_imports_no_heavy_module(tmp_path, origin, entry, also_abs
     assert hit.returncode == 0, hit.stderr
     assert hit.stdout.decode().strip().endswith(sha(data))
     assert "LOADED []" in hit.stderr.decode(), hit.stderr.decode()
+    assert "IMPORTED" not in hit.stderr.decode(), hit.stderr.decode()
     assert origin.count("/hit") == 1
 
 
@@ -135,13 +124,14 @@ def test_get_waiting_on_another_download_stays_light(tmp_path, origin):
             [
                 sys.executable,
                 "-c",
-                _probe("casstore.__main__", HEAVY + LIGHT_PATH_SKIPS),
+                import_probe("casstore.__main__", HEAVY + LIGHT_PATH_SKIPS),
                 *cmd,
             ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
+        loaded = waiter.stderr.readline().decode()
         # Announced after a second of waiting: by then it is past its imports.
         first_line = waiter.stderr.readline().decode()
         assert f"waiting for another process to fetch {url}" in first_line, first_line
@@ -153,7 +143,8 @@ def test_get_waiting_on_another_download_stays_light(tmp_path, origin):
         _reap(holder, waiter)
     assert waiter.returncode == 0, err
     assert out.decode().strip().endswith(sha(data))
-    assert "LOADED []" in err.decode(), err.decode()
+    assert loaded == "LOADED []\n"
+    assert "IMPORTED" not in err.decode(), err.decode()
     assert origin.count("/wait") == 1
 
 
