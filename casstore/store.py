@@ -521,6 +521,7 @@ class Store:
         from concurrent.futures import ThreadPoolExecutor
 
         from .batch import GroupCommit
+        from .throttle import Slot, Throttle
 
         reqs = [_coerce(r) for r in requests]
         mode = parse_mode(link)
@@ -532,7 +533,15 @@ class Store:
         put_off: list[tuple[list[int], Failed]] = []
         put_off_lock = threading.Lock()
 
-        def run_group(indices: list[int], failed: Failed, committer: GroupCommit | None) -> None:
+        def run_group(
+            indices: list[int], failed: Failed, committer: GroupCommit | None, throttle: Throttle
+        ) -> None:
+            with throttle.slot() as slot:
+                serve_group(indices, failed, committer, slot)
+
+        def serve_group(
+            indices: list[int], failed: Failed, committer: GroupCommit | None, slot: Slot
+        ) -> None:
             for n, i in enumerate(indices):
                 req = reqs[i]
                 sources = (req.url, *req.mirrors)
@@ -551,13 +560,16 @@ class Store:
                             put_off.append((indices[n:], failed))
                         return
                 results[i] = outcome
+                if n == 0 and isinstance(outcome, Artifact):
+                    slot.bytes = outcome.size
                 if on_done is not None:
                     on_done(i, outcome)
 
         def run(jobs: list[tuple[list[int], Failed]], committer: GroupCommit | None) -> None:
             workers = max(1, min(concurrency, len(jobs)))
+            throttle = Throttle(workers)
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casstore") as pool:
-                futures = [pool.submit(run_group, g, f, committer) for g, f in jobs]
+                futures = [pool.submit(run_group, g, f, committer, throttle) for g, f in jobs]
                 for future in futures:
                     future.result()
 

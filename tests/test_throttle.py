@@ -1,0 +1,102 @@
+"""How many of a batch's workers run at once (casstore/throttle.py).
+
+The policy is driven window by window through ``decide`` with the rates and
+CPU use a batch would have measured; the slots with real threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+
+from casstore.throttle import FIRST_PAUSE, Throttle
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _run(throttle: Throttle, windows: int, rate_at, busy_at) -> list[int]:
+    """The limit after each of ``windows`` windows whose rates and CPU use depend on the limit."""
+    limits = []
+    for _ in range(windows):
+        limit = throttle.limit
+        throttle.decide((rate_at(limit), rate_at(limit) * 4096), busy_at(limit))
+        limits.append(throttle.limit)
+    return limits
+
+
+def test_a_cpu_bound_batch_that_fewer_workers_do_not_slow_settles_on_one():
+    # A fast origin: the process keeps a core busy and eight threads are no faster than one.
+    limits = _run(Throttle(8), 12, rate_at=lambda n: 900.0, busy_at=lambda n: 1.1)
+    assert limits[:3] == [4, 2, 1]
+    assert set(limits[3:]) == {1}
+
+
+def test_fewer_workers_are_only_tried_while_the_process_is_busy():
+    # A slow origin: the workers wait on the network, so fewer could only be slower.
+    limits = _run(Throttle(8), 50, rate_at=lambda n: 20.0 * n, busy_at=lambda n: 0.3)
+    assert set(limits) == {8}
+
+
+def test_a_trial_that_slows_the_batch_is_undone_and_retried_ever_less_often():
+    # Busy, but each worker still adds throughput (a CDN capping each connection).
+    limits = _run(Throttle(8), 40, rate_at=lambda n: 100.0 * n, busy_at=lambda n: 1.2)
+    trials = [i for i, limit in enumerate(limits) if limit == 4]
+    assert all(limit in (4, 8) for limit in limits)
+    assert all(limits[i + 1] == 8 for i in trials if i + 1 < len(limits))
+    gaps = [b - a - 1 for a, b in itertools.pairwise(trials)]
+    assert gaps[:3] == [FIRST_PAUSE + 1, 2 * FIRST_PAUSE + 1, 4 * FIRST_PAUSE + 1]
+
+
+def test_a_batch_climbs_back_once_its_workers_wait_on_the_network():
+    throttle = Throttle(8)
+    _run(throttle, 6, rate_at=lambda n: 900.0, busy_at=lambda n: 1.1)
+    assert throttle.limit == 1
+    # Now large files from a slower mirror: more workers, more throughput.
+    limits = _run(throttle, 6, rate_at=lambda n: 30.0 * n, busy_at=lambda n: 0.4)
+    assert limits[:3] == [2, 4, 8]
+    assert limits[-1] == 8
+
+
+def test_more_workers_are_kept_only_if_they_make_the_batch_faster():
+    throttle = Throttle(8)
+    _run(throttle, 6, rate_at=lambda n: 900.0, busy_at=lambda n: 1.1)
+    limits = _run(throttle, 4, rate_at=lambda n: 50.0, busy_at=lambda n: 0.5)
+    assert limits[0] == 2 and limits[1] == 1  # tried, no faster, undone
+
+
+def test_slots_admit_at_most_the_limit_and_follow_it_down():
+    # A clock that never moves: no window ends, so only decide() changes the limit.
+    throttle = Throttle(3, clock=lambda: 0.0, cpu=lambda: 0.0)
+    inside = 0
+    most = 0
+    count = threading.Lock()
+    entered = threading.Semaphore(0)
+    go = threading.Event()
+
+    def worker() -> None:
+        nonlocal inside, most
+        with throttle.slot() as slot:
+            with count:
+                inside += 1
+                most = max(most, inside)
+            entered.release()
+            go.wait(30)
+            slot.bytes = 4096
+            with count:
+                inside -= 1
+
+    threads = [threading.Thread(target=worker) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for _ in range(3):
+        assert entered.acquire(timeout=30)
+    assert not entered.acquire(timeout=0.2)  # the other seven wait for a slot
+    throttle.decide((10.0, 40960.0), 1.0)  # CPU-bound: a trial with one slot
+    assert throttle.limit == 1
+    go.set()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert most == 3
