@@ -14,10 +14,11 @@ connections, is not a measure).  While the process keeps a CPU core busy,
 it tries half as many slots for a window, and keeps them unless the rate
 (downloads and bytes per second) drops; while it does not, the workers wait
 on the network, and below the ceiling it tries twice as many, kept only if
-the rate rises.  A trial that fails is undone and the next waits twice as
-long.  A batch on a slow origin thus never tries fewer workers, and one
-that moves from small files to large ones (or to a slower mirror) climbs
-back.  A wrong guess costs one window's speed, never correctness.
+the rate rises.  A trial that fails is undone, the next one goes the other
+way where it can, and it waits twice as long.  A batch on a slow origin
+thus never tries fewer workers, and one that moves from small files to
+large ones (or to a slower mirror) climbs back.  A wrong guess costs one
+window's speed, never correctness.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ KEEP_MORE = 1.1
 FIRST_PAUSE = 2
 # CPU cores a process keeps busy (all its threads) from which fewer workers
 # may help: below it the workers mostly wait on the network.
-BUSY = 0.8
+BUSY = 0.7
 
 
 class Slot:
@@ -74,6 +75,7 @@ class Throttle:
         self._warm = False
         # While a trial runs: the limit it started from and that limit's rates.
         self._trial_from: tuple[int, tuple[float, float]] | None = None
+        self._up = False  # whether the next trial is of more workers, where both may be
         self._pause = FIRST_PAUSE
         self._wait = 0
 
@@ -120,8 +122,11 @@ class Throttle:
             self._trial_from = None
             if _better(rates, best, fewer=self.limit < start):
                 self._pause = FIRST_PAUSE
-                self._try(rates, busy)  # and a step further, if there is one to take
+                # A step further the same way; at 1 or the ceiling, stay a while.
+                if not self._try(rates, busy, up=self.limit > start):
+                    self._wait = self._pause
                 return
+            self._up = self.limit < start  # next time, the other way
             self.limit = start
             self._wait = self._pause
             self._pause *= 2
@@ -130,18 +135,24 @@ class Throttle:
         else:
             self._try(rates, busy)
 
-    def _try(self, rates: tuple[float, float], busy: float) -> None:
-        """Start a trial one step on from ``limit``: fewer workers while the
-        process keeps a core busy (else the workers wait on the network, and
-        fewer could only be slower), more while it does not."""
-        if busy >= BUSY and self.limit > 1:
-            step = self.limit // 2
-        elif busy < BUSY and self.limit < self.ceiling:
+    def _try(self, rates: tuple[float, float], busy: float, *, up: bool | None = None) -> bool:
+        """Start a trial one step on from ``limit`` (only ``up`` or down, if
+        given); False if there is none to take.  Fewer workers only while the
+        process keeps a core busy (else they wait on the network, and fewer
+        could only be slower); more below the ceiling, when fewer may not be
+        tried or the last trial of fewer failed."""
+        fewer = busy >= BUSY and self.limit > 1 and up is not True
+        more = self.limit < self.ceiling and up is not False
+        if more and (self._up or not fewer):
             step = min(self.ceiling, self.limit * 2)
+        elif fewer:
+            step = self.limit // 2
         else:
-            return
+            return False
+        self._up = step > self.limit
         self._trial_from = (self.limit, rates)
         self.limit = step
+        return True
 
 
 def _better(rates: tuple[float, float], best: tuple[float, float], *, fewer: bool) -> bool:

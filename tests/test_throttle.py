@@ -26,11 +26,25 @@ def _run(throttle: Throttle, windows: int, rate_at, busy_at) -> list[int]:
     return limits
 
 
+def _trials(limits: list[int], trial: int, settled: int) -> list[int]:
+    """Where ``limits`` tried ``trial``, checking that each trial was undone at once."""
+    at = [i for i, limit in enumerate(limits) if limit == trial]
+    assert set(limits) == {trial, settled}
+    assert all(limits[i + 1] == settled for i in at if i + 1 < len(limits))
+    return at
+
+
+def _gaps(trials: list[int]) -> list[int]:
+    return [b - a - 1 for a, b in itertools.pairwise(trials)]
+
+
 def test_a_cpu_bound_batch_that_fewer_workers_do_not_slow_settles_on_one():
     # A fast origin: the process keeps a core busy and eight threads are no faster than one.
-    limits = _run(Throttle(8), 12, rate_at=lambda n: 900.0, busy_at=lambda n: 1.1)
+    limits = _run(Throttle(8), 40, rate_at=lambda n: 900.0, busy_at=lambda n: 1.1)
     assert limits[:3] == [4, 2, 1]
-    assert set(limits[3:]) == {1}
+    # Then it looks now and then, ever less often, whether two would be faster.
+    trials = _trials(limits[3:], trial=2, settled=1)
+    assert _gaps(trials)[:3] == [FIRST_PAUSE + 1, 2 * FIRST_PAUSE + 1, 4 * FIRST_PAUSE + 1]
 
 
 def test_fewer_workers_are_only_tried_while_the_process_is_busy():
@@ -42,11 +56,8 @@ def test_fewer_workers_are_only_tried_while_the_process_is_busy():
 def test_a_trial_that_slows_the_batch_is_undone_and_retried_ever_less_often():
     # Busy, but each worker still adds throughput (a CDN capping each connection).
     limits = _run(Throttle(8), 40, rate_at=lambda n: 100.0 * n, busy_at=lambda n: 1.2)
-    trials = [i for i, limit in enumerate(limits) if limit == 4]
-    assert all(limit in (4, 8) for limit in limits)
-    assert all(limits[i + 1] == 8 for i in trials if i + 1 < len(limits))
-    gaps = [b - a - 1 for a, b in itertools.pairwise(trials)]
-    assert gaps[:3] == [FIRST_PAUSE + 1, 2 * FIRST_PAUSE + 1, 4 * FIRST_PAUSE + 1]
+    trials = _trials(limits, trial=4, settled=8)
+    assert _gaps(trials)[:3] == [FIRST_PAUSE + 1, 2 * FIRST_PAUSE + 1, 4 * FIRST_PAUSE + 1]
 
 
 def test_a_batch_climbs_back_once_its_workers_wait_on_the_network():
@@ -100,3 +111,13 @@ def test_slots_admit_at_most_the_limit_and_follow_it_down():
         t.join(30)
     assert not any(t.is_alive() for t in threads)
     assert most == 3
+
+
+def test_between_one_and_the_ceiling_trials_alternate_fewer_and_more():
+    # Busy, and fastest at four workers: it settles there, looking both ways in turn.
+    rate = {8: 800.0, 4: 1000.0, 2: 700.0, 1: 400.0}
+    limits = _run(Throttle(8), 30, rate_at=rate.__getitem__, busy_at=lambda n: 1.2)
+    assert limits[:3] == [4, 2, 4]
+    tried = [limit for limit in limits[2:] if limit != 4]
+    assert tried[:3] == [8, 2, 8]
+    assert limits[-1] == 4 or limits[-2] == 4
