@@ -189,7 +189,7 @@ def get(
     type=click.IntRange(1, 256),
     default=8,
     show_default=True,
-    help="Downloads at once.",
+    help="Downloads at once, at most (fewer while fewer are faster).",
 )
 @click.option(
     "--dest",
