@@ -13,12 +13,12 @@ the batch measures, window by window (the first, which pays for new
 connections, is not a measure).  While the process keeps a CPU core busy,
 it tries half as many slots for a window, and keeps them unless the rate
 (downloads and bytes per second) drops; while it does not, the workers wait
-on the network, and below the ceiling it tries twice as many, kept only if
-the rate rises.  A trial that fails is undone, the next one goes the other
-way where it can, and it waits twice as long.  A batch on a slow origin
-thus never tries fewer workers, and one that moves from small files to
-large ones (or to a slower mirror) climbs back.  A wrong guess costs one
-window's speed, never correctness.
+on the network or the disk, and below the ceiling it tries twice as many,
+kept only if the rate rises.  A trial that fails is undone, the next one
+goes the other way where it can, and it waits twice as long.  A batch on a
+slow origin thus never tries fewer workers, and one that moves from small
+files to large ones (or to a slower mirror) climbs back.  A wrong guess
+costs one window's speed, never correctness.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ KEEP_MORE = 1.1
 # Windows between trials; doubled after each trial that failed.
 FIRST_PAUSE = 2
 # CPU cores a process keeps busy (all its threads) from which fewer workers
-# may help: below it the workers mostly wait on the network.
+# may help: below it they mostly wait on the network or the disk.
 BUSY = 0.7
 
 
@@ -69,7 +69,7 @@ class Throttle:
         self._cond = threading.Condition()
         self._running = 0
         self._window_start = clock()
-        self._window_cpu = cpu()
+        self._window_cpu = self._cpu()
         self._downloads = 0
         self._bytes = 0
         self._warm = False
@@ -138,9 +138,9 @@ class Throttle:
     def _try(self, rates: tuple[float, float], busy: float, *, up: bool | None = None) -> bool:
         """Start a trial one step on from ``limit`` (only ``up`` or down, if
         given); False if there is none to take.  Fewer workers only while the
-        process keeps a core busy (else they wait on the network, and fewer
-        could only be slower); more below the ceiling, when fewer may not be
-        tried or the last trial of fewer failed."""
+        process keeps a CPU core busy (else they wait, on the network or the
+        disk, and fewer could only be slower); more below the ceiling, when
+        fewer may not be tried or the last trial of fewer failed."""
         fewer = busy >= BUSY and self.limit > 1 and up is not True
         more = self.limit < self.ceiling and up is not False
         if more and (self._up or not fewer):
