@@ -122,8 +122,11 @@ class Throttle:
             self._trial_from = None
             if _better(rates, best, fewer=self.limit < start):
                 self._pause = FIRST_PAUSE
-                # A step further the same way; at 1 or the ceiling, stay a while.
-                if not self._try(rates, busy, up=self.limit > start):
+                # A step further the same way (at 1 or the ceiling, stay a
+                # while), judged against the best rates so far, so that steps
+                # each a little slower cannot add up to a slow batch.
+                best = (max(rates[0], best[0]), max(rates[1], best[1]))
+                if not self._try(best, busy, up=self.limit > start):
                     self._wait = self._pause
                 return
             self._up = self.limit < start  # next time, the other way

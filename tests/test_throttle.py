@@ -121,3 +121,10 @@ def test_between_one_and_the_ceiling_trials_alternate_fewer_and_more():
     tried = [limit for limit in limits[2:] if limit != 4]
     assert tried[:3] == [8, 2, 8]
     assert limits[-1] == 4 or limits[-2] == 4
+
+
+def test_steps_each_a_little_slower_do_not_add_up():
+    # Each halving costs 4%, within what one trial forgives; two in a row do not pass.
+    rate = {8: 1000.0, 4: 960.0, 2: 921.6, 1: 884.7}
+    limits = _run(Throttle(8), 3, rate_at=rate.__getitem__, busy_at=lambda n: 1.2)
+    assert limits == [4, 2, 4]
