@@ -17,7 +17,10 @@ def main() -> None:
         # SQLite, which checkpoints the WAL) saves a hit ~2-3 ms of CPU, and
         # most of the tail when a crowd of waiters wakes at once (15 waiters:
         # ~50 ms from the holder's release to the last exit, ~15 ms without).
-        sys.stderr.flush()
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stderr: the hit is served all the same
         os._exit(code)
     from .cli import main as cli_main
 

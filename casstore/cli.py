@@ -189,7 +189,7 @@ def get(
     type=click.IntRange(1, 256),
     default=8,
     show_default=True,
-    help="Downloads at once, at most (fewer while fewer are faster).",
+    help="Downloads at once, at most (fewer where that is no slower).",
 )
 @click.option(
     "--dest",

@@ -113,7 +113,13 @@ def hold_for_process(
     if timeout <= 0:
         return False
     fd = _acquire(path, label=label, timeout=timeout, on_wait=on_wait, done=done)
-    if done is not None and done():
+    try:
+        published = done is not None and done()
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    if published:
         # Granted by a holder that published: let the next waiter in at once
         # rather than keep the lock until this process exits.
         if fd is not None:
@@ -169,18 +175,15 @@ def _acquire(path: str | Path, *, label: str, timeout: float, on_wait, done=None
     blocked: _BlockedFlock | None = None
     try:
         while True:
-            fd = None
-            if blocked is None:
-                try:
+            try:
+                if blocked is None:
                     fd = _try_lock(path)
-                except OSError as exc:
-                    # A read-only locks/ or a filesystem refusing locks: locks only
-                    # spare bandwidth, so go on without one rather than fail the get.
-                    if on_wait:
-                        on_wait(f"cannot lock {label} ({exc.strerror or exc}); going on without it")
-                    return None
-            elif blocked.granted.is_set():
-                fd, blocked = blocked.take(path), None
+                elif blocked.granted.is_set():
+                    fd, blocked = blocked.take(path), None
+                else:
+                    fd = None
+            except OSError as exc:
+                return _without_lock(label, exc, on_wait)
             if fd is not None:
                 return fd
             if done is not None and done():
@@ -199,6 +202,8 @@ def _acquire(path: str | Path, *, label: str, timeout: float, on_wait, done=None
                     blocked = _BlockedFlock(path)
                 except FileNotFoundError:
                     continue  # gc removed the file since we tried it: lock the new one
+                except OSError as exc:
+                    return _without_lock(label, exc, on_wait)
             pause = min(DONE_POLL, timeout - waited)
             if not announced:
                 pause = min(pause, ANNOUNCE_AFTER - waited)
@@ -208,10 +213,24 @@ def _acquire(path: str | Path, *, label: str, timeout: float, on_wait, done=None
             blocked.abandon()
 
 
+def _without_lock(label: str, exc: OSError, on_wait) -> None:
+    # A read-only locks/, a filesystem refusing locks, no thread or descriptor
+    # to wait with: locks only spare bandwidth, so go on without one rather
+    # than fail the get.
+    if on_wait:
+        on_wait(f"cannot lock {label} ({exc.strerror or exc}); going on without it")
+
+
 # How often a waiter looks whether the holder has published (``done``) while
 # its flock waits: a holder releases the lock right after publishing, which
 # wakes the waiter at once, so this only matters for holders that keep it longer.
 DONE_POLL = 0.05
+
+# Waits whose descriptor is still their thread's (not yet taken): a child
+# forked meanwhile has no such thread, and closes its copies (_after_fork) so
+# that the open file description, and a flock granted on it, dies with the
+# parent's close rather than with the child.
+_pending: set[_BlockedFlock] = set()
 
 
 class _BlockedFlock:
@@ -221,7 +240,8 @@ class _BlockedFlock:
 
     The thread owns its descriptor until it is taken or, once abandoned, until
     its flock returns, so the descriptor number is never reused under it; a
-    lock granted after ``abandon`` is released at once by that close.
+    lock granted after ``abandon`` is released at once by that close.  Until
+    then a waiter that gave up leaves a thread and a descriptor behind.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -230,29 +250,43 @@ class _BlockedFlock:
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self._mutex = threading.Lock()
         self._abandoned = False
-        self._held = False
+        self._error: OSError | None = None
         self.granted = threading.Event()
-        threading.Thread(target=self._block, name="casstore-flock", daemon=True).start()
+        _pending.add(self)
+        try:
+            threading.Thread(target=self._block, name="casstore-flock", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had
+            _pending.discard(self)
+            os.close(self._fd)
+            raise OSError(f"cannot start a thread to wait for the lock: {exc}") from exc
 
     def _block(self) -> None:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
-            self._held = True
-        except OSError:
-            pass  # take() says it is not held and the caller tries again
+        except OSError as exc:  # ENOLCK and the like: take() raises it
+            self._error = exc
         with self._mutex:
             if self._abandoned:
+                _pending.discard(self)
                 os.close(self._fd)
             else:
                 self.granted.set()
 
     def take(self, path: str | Path) -> int | None:
         """Once ``granted``: the descriptor if it holds the lock of the file still
-        at ``path``, else None."""
+        at ``path``, None if gc replaced that file.  Raises the OSError that
+        kept the flock (or the look at ``path``) from succeeding."""
         with self._mutex:
             self._abandoned = True  # ours now (or closed here): abandon() leaves it
-        if self._held and _names(path, self._fd):
-            return self._fd
+        _pending.discard(self)
+        try:
+            if self._error is not None:
+                raise self._error
+            if _names(path, self._fd):
+                return self._fd
+        except BaseException:
+            os.close(self._fd)
+            raise
         os.close(self._fd)
         return None
 
@@ -262,7 +296,18 @@ class _BlockedFlock:
                 return
             self._abandoned = True
             if self.granted.is_set():
+                _pending.discard(self)
                 os.close(self._fd)
+
+
+def _after_fork() -> None:
+    for blocked in list(_pending):
+        with contextlib.suppress(OSError):
+            os.close(blocked._fd)
+    _pending.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _try_lock(path: str | Path, *, create: bool = True) -> int | None:

@@ -558,6 +558,7 @@ class Store:
                     if outcome is None:  # another process holds its lock
                         with put_off_lock:
                             put_off.append((indices[n:], failed))
+                        slot.counts = n > 0  # a put-off first item fetched nothing
                         return
                 results[i] = outcome
                 if n == 0 and isinstance(outcome, Artifact):

@@ -44,12 +44,15 @@ BUSY = 0.7
 
 
 class Slot:
-    """A worker's slot; set ``bytes`` to what its download fetched."""
+    """A worker's slot: set ``bytes`` to what its download fetched, or
+    ``counts`` to False if it downloaded nothing worth measuring (an item put
+    off because another process holds its lock)."""
 
-    __slots__ = ("bytes",)
+    __slots__ = ("bytes", "counts")
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.counts = True
 
 
 class Throttle:
@@ -93,7 +96,8 @@ class Throttle:
             with self._cond:
                 self._running -= 1
                 try:
-                    self._finished(slot.bytes)
+                    if slot.counts:
+                        self._finished(slot.bytes)
                 finally:
                     # As many as there are free slots: waking every idle worker
                     # on each download would pass the GIL around for nothing.

@@ -6,6 +6,7 @@ they all wait for; the origin counts what it served.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from casstore import BatchError, DownloadError, Request, Store
+from casstore import BatchError, DownloadError, Request, Store, locks
 from casstore.locks import single_flight
 
 from .conftest import assert_store_consistent, blob, sha
@@ -198,6 +199,80 @@ def test_a_waiter_follows_a_lock_file_gc_replaced(store):
     os.close(new)
     waiter.join(30)
     assert outcome == {"held": True, "inode": os.stat(lock).st_ino, "free meanwhile": False}
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_flock_that_fails_while_waiting_means_going_on_without_the_lock(store, monkeypatch):
+    # ENOLCK and the like, from a lock manager that answers a blocking flock with an
+    # error while a try says "held": no spinning until the timeout, no lock.
+    real = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:
+        if operation & fcntl.LOCK_NB:
+            raise BlockingIOError(errno.EWOULDBLOCK, "held")
+        if operation & fcntl.LOCK_EX:
+            raise OSError(errno.ENOLCK, "No locks available")
+        real(fd, operation)
+
+    store.layout.ensure()
+    fds = _open_fds()
+    monkeypatch.setattr(fcntl, "flock", flock)
+    messages: list[str] = []
+    with single_flight(
+        store.layout, "k", label="thing", timeout=30, on_wait=messages.append
+    ) as got:
+        assert not got
+    assert messages == ["cannot lock thing (No locks available); going on without it"]
+    _eventually(lambda: _open_fds() == fds, "a descriptor was left open")
+
+
+def test_no_thread_to_wait_with_means_going_on_without_the_lock(store, monkeypatch):
+    store.layout.ensure()
+    holder = _flock(store.layout.lock_path("k"))
+    fds = _open_fds()
+
+    def start(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    messages: list[str] = []
+    try:
+        with single_flight(
+            store.layout, "k", label="thing", timeout=30, on_wait=messages.append
+        ) as got:
+            assert not got
+    finally:
+        os.close(holder)
+    assert len(messages) == 1 and messages[0].startswith("cannot lock thing (")
+    assert "can't start new thread" in messages[0]
+    assert _open_fds() == fds - 1  # the holder's, closed; none of the waiter's left
+
+
+def test_a_process_waiter_granted_a_published_object_lets_the_next_in(store, monkeypatch):
+    # The command line's waiter (hit.py) keeps a lock it must download under for
+    # the rest of the process, but not one granted after the holder published.
+    monkeypatch.setattr(locks, "DONE_POLL", 30.0)  # so only the grant wakes it early
+    store.layout.ensure()
+    lock = store.layout.lock_path("k")
+    holder = _flock(lock)
+    published = threading.Event()
+    outcome: list[bool] = []
+    others = _flock_threads()
+    waiter = threading.Thread(
+        target=lambda: outcome.append(
+            locks.hold_for_process(str(lock), label="thing", done=published.is_set)
+        )
+    )
+    waiter.start()
+    _eventually(lambda: _flock_threads() - others, "the waiter never blocked in flock")
+    published.set()
+    os.close(holder)  # granted to the waiter, which finds the object published
+    waiter.join(30)
+    assert outcome == [False]
+    assert _free(lock)
 
 
 def test_processes_and_threads_fetch_each_url_once(tmp_path, store_dir, origin):

@@ -81,19 +81,21 @@ def test_slots_admit_at_most_the_limit_and_follow_it_down():
     # A clock that never moves: no window ends, so only decide() changes the limit.
     throttle = Throttle(3, clock=lambda: 0.0, cpu=lambda: 0.0)
     inside = 0
-    most = 0
+    most = {"before": 0, "after": 0}
+    phase = "before"
     count = threading.Lock()
     entered = threading.Semaphore(0)
-    go = threading.Event()
+    go = {"before": threading.Event(), "after": threading.Event()}
 
     def worker() -> None:
-        nonlocal inside, most
+        nonlocal inside
         with throttle.slot() as slot:
             with count:
                 inside += 1
-                most = max(most, inside)
+                mine = phase
+                most[mine] = max(most[mine], inside)
             entered.release()
-            go.wait(30)
+            go[mine].wait(30)
             slot.bytes = 4096
             with count:
                 inside -= 1
@@ -106,11 +108,16 @@ def test_slots_admit_at_most_the_limit_and_follow_it_down():
     assert not entered.acquire(timeout=0.2)  # the other seven wait for a slot
     throttle.decide((10.0, 40960.0), 1.0)  # CPU-bound: a trial with one slot
     assert throttle.limit == 1
-    go.set()
+    with count:
+        phase = "after"
+    go["before"].set()  # the three leave; from now on one at a time
+    assert entered.acquire(timeout=30)
+    assert not entered.acquire(timeout=0.2)
+    go["after"].set()
     for t in threads:
         t.join(30)
     assert not any(t.is_alive() for t in threads)
-    assert most == 3
+    assert most == {"before": 3, "after": 1}
 
 
 def test_between_one_and_the_ceiling_trials_alternate_fewer_and_more():
