@@ -275,6 +275,26 @@ def test_a_process_waiter_granted_a_published_object_lets_the_next_in(store, mon
     assert _free(lock)
 
 
+def test_a_child_forked_while_a_waiter_blocks_does_not_keep_its_lock(store):
+    lock, holder, outcome, waiter, _ = _blocked_waiter(store)
+    child_go, parent_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child lives on with what it inherited, but for the holder's fd
+        os.close(holder)
+        os.read(child_go, 1)
+        os._exit(0)
+    try:
+        os.close(holder)
+        waiter.join(30)  # granted, held, released by the waiter
+        assert outcome["held"] is True
+        assert _free(lock), "the forked child kept the waiter's lock"
+    finally:
+        os.write(parent_end, b"x")
+        os.waitpid(pid, 0)
+        os.close(child_go)
+        os.close(parent_end)
+
+
 def test_processes_and_threads_fetch_each_url_once(tmp_path, store_dir, origin):
     arts = _artifacts(origin, 4)
     spec = {"job": "get_threads", "store": str(store_dir), "threads": 4, "requests": arts}
