@@ -84,11 +84,8 @@ def single_flight(
         return
     layout.ensure()
     fd = _acquire(path, label=label, timeout=timeout if wait else 0.0, on_wait=on_wait, done=done)
-    try:
+    with _holding(fd):
         yield fd is not None
-    finally:
-        if fd is not None:
-            os.close(fd)  # closing the only descriptor releases the flock
 
 
 def hold_for_process(
@@ -161,11 +158,31 @@ def try_hold(layout: Layout, key: str) -> Iterator[bool]:
     except OSError:
         yield True  # no lock to be had here: only the retries protect the getter
         return
-    try:
+    with _holding(fd):
         yield fd is not None
+
+
+# Locks held in a ``with`` block, by descriptor, with the thread whose block it
+# is.  A child forked meanwhile has only the forking thread: it closes its
+# copies of the others (_after_fork), else the lock would outlive their release
+# for as long as the child lives (a DataLoader worker, say).
+_held: dict[int, int] = {}
+
+
+@contextmanager
+def _holding(fd: int | None) -> Iterator[None]:
+    """Run the block holding the lock at ``fd`` (None: no lock), then release it."""
+    if fd is None:
+        yield
+        return
+    import threading
+
+    _held[fd] = threading.get_ident()
+    try:
+        yield
     finally:
-        if fd is not None:
-            os.close(fd)
+        del _held[fd]
+        os.close(fd)  # closing the only descriptor releases the flock
 
 
 def _acquire(path: str | Path, *, label: str, timeout: float, on_wait, done=None) -> int | None:
@@ -301,10 +318,20 @@ class _BlockedFlock:
 
 
 def _after_fork() -> None:
+    """In a forked child: close the descriptors of waits and held locks whose
+    threads did not come along (see ``_pending`` and ``_held``)."""
+    import threading
+
+    me = threading.get_ident()
     for blocked in list(_pending):
         with contextlib.suppress(OSError):
             os.close(blocked._fd)
     _pending.clear()
+    for fd, owner in list(_held.items()):
+        if owner != me:
+            del _held[fd]
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 os.register_at_fork(after_in_child=_after_fork)

@@ -295,6 +295,36 @@ def test_a_child_forked_while_a_waiter_blocks_does_not_keep_its_lock(store):
         os.close(parent_end)
 
 
+def test_a_child_forked_while_another_thread_holds_a_lock_does_not_keep_it(store):
+    store.layout.ensure()
+    lock = store.layout.lock_path("k")
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with single_flight(store.layout, "k", label="thing", timeout=30) as got:
+            assert got
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(30)
+    child_go, parent_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child lives on with what it inherited
+        os.read(child_go, 1)
+        os._exit(0)
+    try:
+        release.set()
+        holder.join(30)
+        assert _free(lock), "the forked child kept the lock its parent released"
+    finally:
+        os.write(parent_end, b"x")
+        os.waitpid(pid, 0)
+        os.close(child_go)
+        os.close(parent_end)
+
+
 def test_processes_and_threads_fetch_each_url_once(tmp_path, store_dir, origin):
     arts = _artifacts(origin, 4)
     spec = {"job": "get_threads", "store": str(store_dir), "threads": 4, "requests": arts}
