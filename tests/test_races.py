@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -275,24 +277,37 @@ def test_a_process_waiter_granted_a_published_object_lets_the_next_in(store, mon
     assert _free(lock)
 
 
-def test_a_child_forked_while_a_waiter_blocks_does_not_keep_its_lock(store):
-    lock, holder, outcome, waiter, _ = _blocked_waiter(store)
-    child_go, parent_end = os.pipe()
+@contextmanager
+def _forked_child(*close: int) -> Iterator[None]:
+    """A child forked here that lives on with what it inherited (but ``close``)
+    until the block ends; the block starts once the child is past its fork
+    handlers."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child lives on with what it inherited, but for the holder's fd
-        os.close(holder)
-        os.read(child_go, 1)
+    if pid == 0:
+        for fd in close:
+            os.close(fd)
+        os.write(ready_w, b"r")
+        os.read(go_r, 1)
         os._exit(0)
     try:
+        assert os.read(ready_r, 1) == b"r"
+        yield
+    finally:
+        os.write(go_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+
+
+def test_a_child_forked_while_a_waiter_blocks_does_not_keep_its_lock(store):
+    lock, holder, outcome, waiter, _ = _blocked_waiter(store)
+    with _forked_child(holder):  # the holder's own fd is the test's, not casstore's
         os.close(holder)
         waiter.join(30)  # granted, held, released by the waiter
         assert outcome["held"] is True
         assert _free(lock), "the forked child kept the waiter's lock"
-    finally:
-        os.write(parent_end, b"x")
-        os.waitpid(pid, 0)
-        os.close(child_go)
-        os.close(parent_end)
 
 
 def test_a_child_forked_while_another_thread_holds_a_lock_does_not_keep_it(store):
@@ -309,20 +324,10 @@ def test_a_child_forked_while_another_thread_holds_a_lock_does_not_keep_it(store
     holder = threading.Thread(target=hold)
     holder.start()
     assert held.wait(30)
-    child_go, parent_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child lives on with what it inherited
-        os.read(child_go, 1)
-        os._exit(0)
-    try:
+    with _forked_child():
         release.set()
         holder.join(30)
         assert _free(lock), "the forked child kept the lock its parent released"
-    finally:
-        os.write(parent_end, b"x")
-        os.waitpid(pid, 0)
-        os.close(child_go)
-        os.close(parent_end)
 
 
 def test_processes_and_threads_fetch_each_url_once(tmp_path, store_dir, origin):
