@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -175,8 +176,6 @@ def _holding(fd: int | None) -> Iterator[None]:
     if fd is None:
         yield
         return
-    import threading
-
     _held[fd] = threading.get_ident()
     try:
         yield
@@ -216,7 +215,7 @@ def _acquire(path: str | Path, *, label: str, timeout: float, on_wait, done=None
                 return None
             if blocked is None:
                 try:
-                    blocked = _BlockedFlock(path)
+                    blocked = _BlockedFlock.on(path)
                 except FileNotFoundError:
                     continue  # gc removed the file since we tried it: lock the new one
                 except OSError as exc:
@@ -248,6 +247,11 @@ DONE_POLL = 0.05
 # that the open file description, and a flock granted on it, dies with the
 # parent's close rather than with the child.
 _pending: set[_BlockedFlock] = set()
+# Waits given up on while still blocked, by lock file (st_dev, st_ino): the
+# next wait on that file takes one over rather than start another thread, so
+# a holder that hangs through many timeouts costs one thread, not one each.
+_parked: dict[tuple[int, int], list[_BlockedFlock]] = {}
+_parked_lock = threading.Lock()  # taken after a wait's own mutex, never before
 
 
 class _BlockedFlock:
@@ -255,18 +259,20 @@ class _BlockedFlock:
     moment it is released, without polling (a crowd of polling waiters cost
     ~15 ms of CPU each per second of waiting), and can still stop waiting.
 
-    The thread owns its descriptor until it is taken or, once abandoned, until
-    its flock returns, so the descriptor number is never reused under it; a
-    lock granted after ``abandon`` is released at once by that close.  Until
-    then a waiter that gave up leaves a thread and a descriptor behind.
+    States, changed under ``_mutex``: "waiting" (a waiter owns it), "parked"
+    (given up on while blocked: a later waiter may ``adopt`` it), "granted"
+    (the flock returned; the owner may ``take`` the descriptor), "taken", and
+    "closed".  The thread owns the descriptor until it is taken, so its number
+    is never reused under the flock; a lock granted to a parked wait is
+    released at once by the thread's close.
     """
 
     def __init__(self, path: str | Path) -> None:
-        import threading
-
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        st = os.fstat(self._fd)
+        self._file = (st.st_dev, st.st_ino)
         self._mutex = threading.Lock()
-        self._abandoned = False
+        self._state = "waiting"
         self._error: OSError | None = None
         self.granted = threading.Event()
         _pending.add(self)
@@ -277,24 +283,44 @@ class _BlockedFlock:
             os.close(self._fd)
             raise OSError(f"cannot start a thread to wait for the lock: {exc}") from exc
 
+    @classmethod
+    def on(cls, path: str | Path) -> _BlockedFlock:
+        """A wait on the lock file at ``path``: a parked one taken over, else a new one."""
+        st = os.stat(path)
+        while True:
+            with _parked_lock:
+                parked = _parked.get((st.st_dev, st.st_ino))
+                if not parked:
+                    return cls(path)
+                blocked = parked.pop()
+            if blocked._adopt():
+                return blocked
+
     def _block(self) -> None:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except OSError as exc:  # ENOLCK and the like: take() raises it
             self._error = exc
         with self._mutex:
-            if self._abandoned:
-                _pending.discard(self)
-                os.close(self._fd)
+            if self._state == "parked":
+                self._close()
             else:
+                self._state = "granted"
                 self.granted.set()
+
+    def _adopt(self) -> bool:
+        with self._mutex:
+            if self._state != "parked":
+                return False
+            self._state = "waiting"
+            return True
 
     def take(self, path: str | Path) -> int | None:
         """Once ``granted``: the descriptor if it holds the lock of the file still
         at ``path``, None if gc replaced that file.  Raises the OSError that
         kept the flock (or the look at ``path``) from succeeding."""
         with self._mutex:
-            self._abandoned = True  # ours now (or closed here): abandon() leaves it
+            self._state = "taken"
         _pending.discard(self)
         try:
             if self._error is not None:
@@ -309,24 +335,37 @@ class _BlockedFlock:
 
     def abandon(self) -> None:
         with self._mutex:
-            if self._abandoned:
-                return
-            self._abandoned = True
-            if self.granted.is_set():
-                _pending.discard(self)
-                os.close(self._fd)
+            if self._state == "waiting":
+                self._state = "parked"
+                with _parked_lock:
+                    _parked.setdefault(self._file, []).append(self)
+            elif self._state == "granted":
+                self._close()
+
+    def _close(self) -> None:
+        """Close the descriptor (and so any lock on it); under ``_mutex``."""
+        self._state = "closed"
+        _pending.discard(self)
+        with _parked_lock:
+            parked = _parked.get(self._file, [])
+            if self in parked:
+                parked.remove(self)
+            if not parked:
+                _parked.pop(self._file, None)
+        os.close(self._fd)
 
 
 def _after_fork() -> None:
     """In a forked child: close the descriptors of waits and held locks whose
     threads did not come along (see ``_pending`` and ``_held``)."""
-    import threading
-
     me = threading.get_ident()
     for blocked in list(_pending):
         with contextlib.suppress(OSError):
             os.close(blocked._fd)
     _pending.clear()
+    global _parked_lock
+    _parked_lock = threading.Lock()  # a thread that held it did not come along
+    _parked.clear()
     for fd, owner in list(_held.items()):
         if owner != me:
             del _held[fd]

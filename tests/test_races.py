@@ -203,6 +203,26 @@ def test_a_waiter_follows_a_lock_file_gc_replaced(store):
     assert outcome == {"held": True, "inode": os.stat(lock).st_ino, "free meanwhile": False}
 
 
+def test_waits_given_up_on_a_hung_holder_share_one_thread(store):
+    store.layout.ensure()
+    lock = store.layout.lock_path("k")
+    holder = _flock(lock)  # hangs through every timeout below
+    others = _flock_threads()
+    fds = _open_fds()
+    try:
+        for _ in range(20):
+            with single_flight(store.layout, "k", label="thing", timeout=0.05) as got:
+                assert not got
+        mine = _flock_threads() - others
+        assert len(mine) == 1, f"{len(mine)} threads still blocked in flock"
+        assert _open_fds() == fds + 1
+    finally:
+        os.close(holder)
+    _eventually(lambda: _ended(mine), "the parked wait never ended")
+    assert _free(lock)
+    _eventually(lambda: _open_fds() == fds - 1, "the parked wait kept its descriptor")
+
+
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
