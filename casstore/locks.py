@@ -13,6 +13,12 @@ an acquirer re-checks after locking that the path still names its inode
 (filelock#574: else two holders lock two different inodes).  This is what
 filelock's UnixFileLock does, without its ~0.3 ms per acquisition, which
 showed in batches of small files.
+
+A waiter sleeps in a blocking ``flock`` on a thread of its own
+(``_BlockedFlock``), so it gets the lock the moment the holder lets go and
+can still stop waiting: at its timeout, or when ``done`` says the holder
+published.  A forked child closes its copies of the locks other threads hold
+or wait for (``_after_fork``), so a lock never outlives its holder's release.
 """
 
 from __future__ import annotations
