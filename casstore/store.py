@@ -469,7 +469,8 @@ class Store:
         concurrency: int = 8,
         link: str | LinkMode = LinkMode.AUTO,
     ) -> list[Path]:
-        """``get`` each request, ``concurrency`` at a time; paths (or dests) in request order.
+        """``get`` each request, at most ``concurrency`` at a time (fewer where that
+        is no slower: throttle.py); paths (or dests) in request order.
 
         Each digest is downloaded once however often it is asked for; all
         downloads share one connection pool.  Blocks; safe from many threads.
@@ -508,9 +509,12 @@ class Store:
         ``on_done(i, outcome)`` is called from worker threads as each item
         finishes.
 
-        Downloads are published in rounds (batch.py): each worker fsyncs its
-        own temp, one committer links, fsyncs each directory once and indexes
-        every temp handed over meanwhile in one transaction.  A worker only
+        Up to ``concurrency`` workers download at once; while the process is
+        CPU-bound (small files from a fast origin) fewer run, as long as that
+        is no slower (throttle.py).  Downloads are published in rounds
+        (batch.py): each worker fsyncs its own temp, one committer links,
+        fsyncs each directory once and indexes every temp handed over
+        meanwhile in one transaction.  A worker only
         tries an artifact's lock; a group whose lock another process holds is
         put off until this batch holds no locks, then waits for it as ``get``
         does, so two batches over overlapping lists never wait on each other.
