@@ -6,6 +6,7 @@ import pty
 import select
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,34 @@ def import_probe(entry: str, watched: tuple[str, ...]) -> str:
         f"from {entry} import main\n"
         "main()\n"
     )
+
+
+class HeldLock:
+    """A thread holding the single-flight lock for ``key`` (as another process
+    downloading that artifact would) from entry until ``let_go``."""
+
+    def __init__(self, layout, key: str) -> None:
+        from casstore.locks import single_flight
+
+        self._held, self._release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with single_flight(layout, key, label="other") as got:
+                assert got
+                self._held.set()
+                self._release.wait(60)
+
+        self._thread = threading.Thread(target=hold)
+
+    def __enter__(self) -> HeldLock:
+        self._thread.start()
+        assert self._held.wait(30), "the holder never got the lock"
+        return self
+
+    def let_go(self) -> None:
+        """Release the lock; returns once it is released."""
+        self._release.set()
+        self._thread.join(30)
+
+    def __exit__(self, *exc: object) -> None:
+        self.let_go()

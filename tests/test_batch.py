@@ -11,16 +11,14 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 from casstore import BatchError, DownloadError, HashMismatch, Request, Store
 from casstore.ingest import parse_temp_name
-from casstore.locks import single_flight
 
-from .conftest import assert_store_consistent, blob, sha
+from .conftest import HeldLock, assert_store_consistent, blob, sha
 from .test_races import ROOT, _start_together
 
 pytestmark = pytest.mark.timeout(120)
@@ -123,31 +121,16 @@ def test_an_item_failing_inside_a_batch_does_not_stop_the_others(tmp_path, store
 
 def test_an_item_locked_by_another_process_is_put_off_not_waited_for(store, store_dir, origin):
     held_art, *others = _small(origin, 6)
-    holding = threading.Event()
-    release = threading.Event()
-
-    def holder() -> None:  # stands in for another process downloading held_art
-        with single_flight(store.layout, held_art[1], label="other") as got:
-            assert got
-            holding.set()
-            release.wait(60)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    assert holding.wait(30)
     done: list[int] = []
+    with HeldLock(store.layout, held_art[1]) as other:
 
-    def on_done(i: int, outcome: object) -> None:
-        done.append(i)
-        if len(done) == len(others):  # every other item finished while the lock was held
-            release.set()
+        def on_done(i: int, outcome: object) -> None:
+            done.append(i)
+            if len(done) == len(others):  # every other item finished while the lock was held
+                other.let_go()
 
-    try:
         # One worker: waiting for the held lock first would finish nothing else.
         outcomes = store.ensure_many([held_art, *others], concurrency=1, on_done=on_done)
-    finally:
-        release.set()
-        t.join()
     assert done[-1] == 0 and sorted(done[:-1]) == list(range(1, len(others) + 1))
     assert [o.sha256 for o in outcomes] == [d for _, d in [held_art, *others]]
     for url, _ in [held_art, *others]:

@@ -23,7 +23,7 @@ import pytest
 from casstore import BatchError, DownloadError, Request, Store, locks
 from casstore.locks import single_flight
 
-from .conftest import assert_store_consistent, blob, sha
+from .conftest import HeldLock, assert_store_consistent, blob, sha
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,28 +79,17 @@ def _artifacts(origin, n: int, size: int = 300_000) -> list[tuple[str, str]]:
 
 
 def test_threads_of_one_process_exclude_each_other(store, store_dir):
-    held = threading.Event()
-    release = threading.Event()
-
-    def holder() -> None:
-        with single_flight(store.layout, "k", label="thing") as got:
-            assert got
-            held.set()
-            release.wait(30)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    held.wait(30)
     messages: list[str] = []
     # A second thread is refused while the first holds the lock, and says so.
-    with single_flight(
-        store.layout, "k", label="thing", timeout=1.2, on_wait=messages.append
-    ) as got:
+    with (
+        HeldLock(store.layout, "k"),
+        single_flight(
+            store.layout, "k", label="thing", timeout=1.2, on_wait=messages.append
+        ) as got,
+    ):
         assert not got
     assert messages[0] == "waiting for another process to fetch thing"
     assert "not granted after 1.2s" in messages[1]
-    release.set()
-    t.join()
     with single_flight(store.layout, "k", label="thing", timeout=5) as got:
         assert got
     assert (store_dir / "locks" / "k.lock").exists()  # never unlinked
@@ -331,22 +320,9 @@ def test_a_child_forked_while_a_waiter_blocks_does_not_keep_its_lock(store):
 
 
 def test_a_child_forked_while_another_thread_holds_a_lock_does_not_keep_it(store):
-    store.layout.ensure()
     lock = store.layout.lock_path("k")
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with single_flight(store.layout, "k", label="thing", timeout=30) as got:
-            assert got
-            held.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert held.wait(30)
-    with _forked_child():
-        release.set()
-        holder.join(30)
+    with HeldLock(store.layout, "k") as holder, _forked_child():
+        holder.let_go()
         assert _free(lock), "the forked child kept the lock its parent released"
 
 
