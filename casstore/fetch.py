@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 
     import httpx
 
+    from .direct import Pool
+
 log = logging.getLogger("casstore")
 
 DEFAULT_RETRIES = 3
@@ -79,6 +81,7 @@ DEFAULT_BACKOFF_MAX = 10.0
 BACKOFF_INITIAL = 0.5
 RETRY_AFTER_MAX = 60.0
 MAX_REDIRECTS = 10
+CONNECT_TIMEOUT = 10.0
 READ_CHUNK = 1 << 20
 # A body above this is read straight from the socket (see _body_socket).  That
 # saves ~0.7 ms of CPU per MiB but costs the connection: the next request to the
@@ -224,33 +227,94 @@ def _httpx() -> Any:
     return httpx
 
 
-def _client_options(timeout: float) -> dict[str, Any]:
+HEADERS = {
+    "User-Agent": f"casstore/{__version__}",
+    # Bytes as stored on the origin: a .tar.gz served with
+    # Content-Encoding: gzip must not be decompressed (pip does the same).
+    "Accept-Encoding": "identity",
+}
+
+
+def _client_options(timeout: float, tls: ssl.SSLContext | None = None) -> dict[str, Any]:
     httpx = _httpx()
 
     return {
         "follow_redirects": True,
         "max_redirects": MAX_REDIRECTS,
-        "timeout": httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        "timeout": httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
         # Proxies (HTTP(S)_PROXY, NO_PROXY) and SSL_CERT_FILE from the environment;
         # TLS is always verified, as with httpx's default verify=True.
         "trust_env": True,
-        "verify": _tls_context(),
-        # Bytes as stored on the origin: a .tar.gz served with
-        # Content-Encoding: gzip must not be decompressed (pip does the same).
-        "headers": {"User-Agent": f"casstore/{__version__}", "Accept-Encoding": "identity"},
+        "verify": tls or _tls_context(),
+        "headers": HEADERS,
     }
 
 
-def new_client(*, timeout: float = DEFAULT_TIMEOUT) -> httpx.Client:
+def new_client(
+    *, timeout: float = DEFAULT_TIMEOUT, tls: ssl.SSLContext | None = None
+) -> httpx.Client:
     httpx = _httpx()
 
-    return httpx.Client(**_client_options(timeout))
+    return httpx.Client(**_client_options(timeout, tls))
 
 
 def new_async_client(*, timeout: float = DEFAULT_TIMEOUT) -> httpx.AsyncClient:
     httpx = _httpx()
 
     return httpx.AsyncClient(**_client_options(timeout))
+
+
+class Session:
+    """What one store's downloads share: a pool of plain ``http.client``
+    connections (``direct.py``) for the requests it takes, and an httpx client,
+    made on first need, for the rest.  Safe to share between threads.
+
+    ``direct=False`` (or ``CASSTORE_DIRECT=0`` in the environment) sends
+    everything through httpx.
+    """
+
+    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, direct: bool | None = None) -> None:
+        import threading
+
+        from .direct import Pool
+
+        self.timeout = timeout
+        self.tls = _tls_context()
+        if direct is None:
+            direct = os.environ.get("CASSTORE_DIRECT", "1").strip() != "0"
+        self.pool = (
+            Pool(
+                headers={"Accept": "*/*", "Connection": "keep-alive", **HEADERS},
+                tls=self.tls,
+                connect_timeout=CONNECT_TIMEOUT,
+                max_redirects=MAX_REDIRECTS,
+            )
+            if direct
+            else None
+        )
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                self._client = new_client(timeout=self.timeout, tls=self.tls)
+            return self._client
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -607,20 +671,6 @@ def _write(t: _Transfer, sink: _Pipeline, chunk: bytes) -> None:
         t.progress(sink.size, t.total)
 
 
-def _from_httpx(exc: Exception, t: _Transfer) -> Exception:
-    """An httpx error as a retry (transient) or a final DownloadError."""
-    import httpx
-
-    text = _describe(exc, t.url)
-    if isinstance(exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError):
-        return _Retry(text, cause=exc)
-    if isinstance(exc, httpx.TooManyRedirects):
-        text = f"more than {MAX_REDIRECTS} redirects (a loop?)"
-    elif isinstance(exc, httpx.InvalidURL):
-        return DownloadError(f"invalid URL {t.shown}: {text}", url=t.shown, attempts=t.attempts)
-    return DownloadError(f"download of {t.shown} failed: {text}", url=t.shown, attempts=t.attempts)
-
-
 def _delay(exc: BaseException | None, attempt: int, policy: Policy) -> float:
     """Seconds before the next attempt: Retry-After when given (capped), else
     exponential backoff with jitter, capped by ``policy.backoff_max``."""
@@ -689,7 +739,7 @@ def download(
     url: str,
     sink: Sink,
     *,
-    client: httpx.Client,
+    session: Session,
     policy: Policy | None = None,
     size: int | None = None,
     progress: ProgressHook | None = None,
@@ -697,12 +747,13 @@ def download(
 ) -> Fetched:
     """Stream ``url`` into ``sink``, retrying and resuming under ``policy``.
 
-    Blocks.  ``size`` is the expected whole size, when known.  ``verified``
-    says the caller checks the bytes against a known digest afterwards; only
-    then is a large body read straight from the socket (``_body_socket``),
-    which trusts httpx to hand over all it buffered in its first chunk: were
-    that ever not so, the digest check, not a silent trust-on-first-use,
-    would catch it.
+    Blocks.  ``size`` is the expected whole size, when known.  A request the
+    session's direct pool takes goes over ``http.client`` (``direct.py``), the
+    rest through httpx.  ``verified`` says the caller checks the bytes
+    against a known digest afterwards; only then does httpx's path read a
+    large body straight from the socket (``_body_socket``), which trusts
+    httpx to hand over all it buffered in its first chunk: were that ever
+    not so, the digest check, not a silent trust-on-first-use, would catch it.
 
     Raises:
         DownloadError: the source failed (after retries where that helps).
@@ -711,32 +762,87 @@ def download(
     """
     if url.lower().startswith("file:"):
         return _download_file(url, sink, progress)
-    httpx = _httpx()
     import tenacity
 
     t = _Transfer(url, size, policy or Policy.from_env(), progress, direct=verified)
-    auth = _auth(url)
+    pool = session.pool if session.pool is not None and session.pool.takes(url) else None
     sink = _Pipeline(sink, t.shown)
     try:
         for attempt in _retrying(t, tenacity.Retrying):
             with attempt:
                 headers = _request_headers(t, sink)
                 try:
-                    with client.stream(
-                        "GET", url, headers=headers, auth=auth, timeout=t.policy.timeout
-                    ) as r:
-                        _accept(t, sink, r.status_code, r.headers, r.reason_phrase, str(r.url))
-                        _receive(t, sink, r)
-                        return _finish(t, sink)
-                except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                    raise _from_httpx(exc, t) from exc
-                except OSError as exc:
-                    raise _Retry(_describe(exc, url), cause=exc) from exc
+                    if pool is None:
+                        return _through_httpx(t, sink, session.client, url, headers)
+                    from .direct import Handover
+
+                    try:
+                        return _through_pool(t, sink, pool, url, headers)
+                    except Handover as h:
+                        return _through_httpx(t, sink, session.client, h.url, h.headers)
+                except CasError:
+                    raise
+                except Exception as exc:
+                    failure = _failure(exc, t)
+                    if failure is exc:
+                        raise
+                    raise failure from exc
     except _Retry as exc:
         raise _gave_up(exc, t) from exc.cause
     finally:
         sink.close()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _through_pool(
+    t: _Transfer, sink: _Pipeline, pool: Pool, url: str, headers: dict[str, str]
+) -> Fetched:
+    with pool.get(url, headers, t.policy.timeout) as r:
+        _accept(t, sink, r.status, r.headers, r.reason, r.url)
+        if r.length is not None and r.length >= sink.BATCH:
+            # http.client reads a sized body into our buffers with no copy per read
+            # (as fast as _body_socket, bench_download.py) and keeps the connection.
+            _recv_body(t, sink, r.readinto, r.length)
+        else:
+            while chunk := r.read1(min(r.length or 1 << 16, READ_CHUNK)):
+                _write(t, sink, chunk)
+        return _finish(t, sink)
+
+
+def _through_httpx(
+    t: _Transfer, sink: _Pipeline, client: httpx.Client, url: str, headers: dict[str, str]
+) -> Fetched:
+    with client.stream("GET", url, headers=headers, auth=_auth(url), timeout=t.policy.timeout) as r:
+        _accept(t, sink, r.status_code, r.headers, r.reason_phrase, str(r.url))
+        _receive(t, sink, r)
+        return _finish(t, sink)
+
+
+def _failure(exc: Exception, t: _Transfer) -> Exception:
+    """A transport's error as a retry (transient) or a final DownloadError; ``exc``
+    itself when it is neither (a bug, not the network's)."""
+    import http.client
+    import sys
+
+    from .direct import TooManyRedirects
+
+    httpx = sys.modules.get("httpx")
+    text = _describe(exc, t.url)
+    if isinstance(exc, OSError | http.client.HTTPException):
+        return _Retry(text, cause=exc)
+    if httpx is not None and isinstance(
+        exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError
+    ):
+        return _Retry(text, cause=exc)
+    if isinstance(exc, TooManyRedirects) or (
+        httpx is not None and isinstance(exc, httpx.TooManyRedirects)
+    ):
+        text = f"more than {MAX_REDIRECTS} redirects (a loop?)"
+    elif httpx is not None and isinstance(exc, httpx.InvalidURL):
+        return DownloadError(f"invalid URL {t.shown}: {text}", url=t.shown, attempts=t.attempts)
+    elif httpx is None or not isinstance(exc, httpx.HTTPError):
+        return exc
+    return DownloadError(f"download of {t.shown} failed: {text}", url=t.shown, attempts=t.attempts)
 
 
 def _receive(t: _Transfer, sink: _Pipeline, r: httpx.Response) -> None:
@@ -754,7 +860,8 @@ def _receive(t: _Transfer, sink: _Pipeline, r: httpx.Response) -> None:
         if end is not None and sink.size < end:
             # h11 never sees the body end, so closing the response closes the
             # connection instead of returning it to the pool.
-            _recv_body(t, sink, sock, end - sink.size)
+            sock.settimeout(t.policy.timeout)
+            _recv_body(t, sink, sock.recv_into, end - sink.size)
             return
     for chunk in chunks:
         _write(t, sink, chunk)
@@ -790,10 +897,12 @@ def _body_socket(r: httpx.Response, t: _Transfer, sink: _Pipeline) -> Any:
     return sock
 
 
-def _recv_body(t: _Transfer, sink: _Pipeline, sock: Any, remaining: int) -> None:
-    """``remaining`` bytes from ``sock`` into ``sink``'s buffers; returns early at EOF
-    (``_finish`` then resumes).  Timeouts and resets raise OSError (retried)."""
-    sock.settimeout(t.policy.timeout)
+def _recv_body(
+    t: _Transfer, sink: _Pipeline, read_into: Callable[[memoryview], int], remaining: int
+) -> None:
+    """``remaining`` bytes through ``read_into`` (a socket's ``recv_into``, a
+    response's ``readinto``) into ``sink``'s buffers; returns early at EOF
+    (``_finish`` then resumes).  What arrived before an error is kept."""
     progress = t.progress
     while remaining > 0:
         buf = sink.buffer()
@@ -801,7 +910,7 @@ def _recv_body(t: _Transfer, sink: _Pipeline, sock: Any, remaining: int) -> None
         got = 0
         try:
             while got < want:
-                n = sock.recv_into(buf[got:want])
+                n = read_into(buf[got:want])
                 if not n:
                     break
                 got += n
@@ -849,10 +958,8 @@ async def adownload(
                         async for chunk in r.aiter_raw():
                             _write(t, sink, chunk)
                         return _finish(t, sink)
-                except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                    raise _from_httpx(exc, t) from exc
-                except OSError as exc:
-                    raise _Retry(_describe(exc, url), cause=exc) from exc
+                except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+                    raise _failure(exc, t) from exc
     except _Retry as exc:
         raise _gave_up(exc, t) from exc.cause
     finally:

@@ -82,8 +82,8 @@ class Store:
         self.layout = Layout(root if root is not None else default_root())
         self.root = self.layout.root
         self.index = Index(self.layout)
-        self._client: Any = None  # httpx.Client, imported on first download
-        self._client_lock = threading.Lock()
+        self._session: Any = None  # fetch.Session, made on first download
+        self._session_lock = threading.Lock()
         self._download_options = dict(
             retries=retries, timeout=timeout, backoff_max=backoff_max, headers=headers
         )
@@ -97,9 +97,9 @@ class Store:
         return f"Store({str(self.root)!r})"
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._session is not None:
+            self._session.close()
+            self._session = None
         self.index.close()
 
     def __enter__(self) -> Store:
@@ -274,7 +274,7 @@ class Store:
                     fetched = download(
                         url,
                         ingest,
-                        client=self.client,
+                        session=self._downloads(),
                         policy=policy,
                         size=req.size,
                         progress=bar,
@@ -346,15 +346,14 @@ class Store:
 
         return Bar(redact(url))
 
-    @property
-    def client(self) -> Any:
-        """The shared httpx client (created on first download)."""
-        with self._client_lock:
-            if self._client is None:
-                from .fetch import new_client
+    def _downloads(self) -> Any:
+        """The downloads' shared ``fetch.Session`` (made on first use)."""
+        with self._session_lock:
+            if self._session is None:
+                from .fetch import Session
 
-                self._client = new_client(timeout=self._policy().timeout)
-            return self._client
+                self._session = Session(timeout=self._policy().timeout)
+            return self._session
 
     @contextlib.asynccontextmanager
     async def _aclient(self) -> Any:

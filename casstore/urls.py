@@ -6,6 +6,7 @@ through ``redact`` before it is stored, printed or put in an error.
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -21,6 +22,7 @@ _SECRET_PARAM = re.compile(
 _TOKEN_SEGMENT = re.compile(r"/t/[^/]+(?=/)")
 
 
+@functools.lru_cache(maxsize=1024)  # a batch redacts each URL several times
 def redact(url: str) -> str:
     """``url`` with userinfo, ``/t/<token>/`` segments and secret-looking query
     values replaced by ``***``."""

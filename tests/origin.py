@@ -42,6 +42,7 @@ class Route:
     auth: tuple[str, str] | None = None
     # Stall after gate_after bytes until gate is set; sent_event marks reaching it.
     gate_after: int | None = None
+    gate_once: bool = False  # stall only the first request that reaches the gate
     gate: threading.Event = field(default_factory=threading.Event)
     sent_event: threading.Event = field(default_factory=threading.Event)
     # Answer a Range request with a 206 starting here, whatever was asked.
@@ -53,6 +54,8 @@ class Route:
     # Sleep this long between chunks (a slow origin), chunk size.
     drip: float = 0.0
     chunk: int = 64 * 1024
+    # Close the connection without an answer, for the first N requests.
+    hangup_first: int = 0
 
     def __post_init__(self) -> None:
         if self.etag is None:
@@ -150,6 +153,9 @@ class Origin:
         route = self.routes.get(path)
         if route is None:
             return self._empty(h, seen, 404)
+        if nth <= route.hangup_first:
+            h.close_connection = True
+            return None
         if route.auth is not None:
             expected = "Basic " + base64.b64encode(":".join(route.auth).encode()).decode()
             if h.headers.get("Authorization") != expected:
@@ -224,7 +230,8 @@ class Origin:
                 # gate_after=0 stalls right after the headers; len(body) after the last byte.
                 # A resumed request that starts at the gate has already been stalled once.
                 at_gate = route.gate_after is not None and offset + pos == route.gate_after
-                if not gated and at_gate and (pos > 0 or offset == 0):
+                stalled = route.gate_once and route.sent_event.is_set()
+                if not gated and at_gate and (pos > 0 or offset == 0) and not stalled:
                     gated = True
                     h.wfile.flush()
                     route.sent_event.set()

@@ -1,0 +1,330 @@
+"""Plain HTTP/1.1 GETs over the standard library's ``http.client``: the common case, cheaply.
+
+httpx's client layers (cookies, the auth and redirect flows, its URL and
+header models) cost ~0.35 ms of CPU per request here; a small file's whole
+get costs ~1 ms, so in a batch of small files httpx was a third of the work.
+A GET through ``http.client`` on a kept-alive connection costs ~0.14 ms
+(``bench/bench_concurrency.py --only small`` and the README).
+
+Only requests where httpx would add nothing come here (``Pool.takes``): an
+``http://`` or ``https://`` URL of plain ASCII, no credentials (none in the
+URL, no ``~/.netrc`` entry for its host), and no proxy in the environment.
+Everything else goes to httpx, which stays the reference (``fetch.download``
+hands over).  A redirect is followed here while its target qualifies, with
+httpx's rules (301/302/303/307/308, at most ``max_redirects``, the
+``Authorization`` header dropped when the origin changes); one that leads
+elsewhere raises ``Handover`` for httpx to carry on from.
+
+What goes on the wire is what httpx sends: HTTP/1.1, ``Host``, ``Accept``,
+``Accept-Encoding: identity`` (bytes as stored: nothing is decoded),
+``Connection: keep-alive``, our ``User-Agent``; TLS through the same
+verifying context.  Connections are pooled per origin (at most ``KEEP`` idle
+ones, as httpx keeps 20), reused only after a body was read to its end, and
+checked before reuse: one the server closed, or that holds unread bytes, is
+dropped.  A reused connection that fails before any byte of the answer (the
+server closed it while idle) is retried once on a new one, as httpcore does.
+
+This module knows nothing of sinks, retries or the store: it opens
+responses; ``fetch.py`` decides what to do with them.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import select
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+KEEP = 20
+DRAIN_MAX = 64 << 10  # a redirect's body bigger than this costs its connection
+# RFC 3986's characters: anything else httpx would percent-encode first, so it goes there.
+_PLAIN_URL = re.compile(r"^https?://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+$", re.I)
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy")
+
+
+class Handover(Exception):
+    """The request left what this module takes (a redirect to a proxied host,
+    another scheme, credentials): httpx carries on from ``url`` with ``headers``."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        super().__init__(url)
+        self.url = url
+        self.headers = headers
+
+
+class TooManyRedirects(Exception):
+    pass
+
+
+class Pool:
+    """Kept-alive ``http.client`` connections per origin; safe to share between threads.
+
+    ``headers`` go with every request (ours; the caller's come per request).
+    ``tls`` is the ``ssl.SSLContext`` for https.  The environment's proxies
+    are read once, here, as httpx reads them once per client.
+    """
+
+    def __init__(
+        self,
+        *,
+        headers: dict[str, str],
+        tls: Any,
+        connect_timeout: float,
+        max_redirects: int,
+    ) -> None:
+        self.headers = headers
+        self.tls = tls
+        self.connect_timeout = connect_timeout
+        self.max_redirects = max_redirects
+        self.proxied = any(
+            os.environ.get(name) or os.environ.get(name.upper()) for name in _PROXY_VARS
+        )
+        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+        self._netrc: tuple[Any, Any] | None = None  # (stat key, parsed or None)
+        _pools.add(self)
+
+    def takes(self, url: str) -> bool:
+        """True if a GET of ``url`` can go here rather than through httpx."""
+        if self.proxied or not _PLAIN_URL.match(url):
+            return False
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            return False
+        host = parts.hostname
+        return bool(host) and parts.username is None and not self._has_netrc_entry(host)
+
+    @contextmanager
+    def get(self, url: str, headers: dict[str, str], timeout: float) -> Iterator[Response]:
+        """The response to ``GET url``, redirects followed, its body not yet read.
+
+        Raises:
+            Handover: a redirect left what ``takes``; httpx goes on from there.
+            TooManyRedirects: more than ``max_redirects``.
+            OSError, http.client.HTTPException: the connection or the answer failed.
+        """
+        headers = dict(headers)
+        for hop in range(self.max_redirects + 1):
+            response = self._exchange(url, headers, timeout)
+            location = response.headers.get("location")
+            if response.status not in REDIRECTS or not location:
+                break
+            response.drain()
+            if hop == self.max_redirects:
+                break
+            target = urljoin(url, location.strip())
+            if _origin(target) != _origin(url):
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            if not self.takes(target):
+                raise Handover(target, headers)
+            url = target
+        if response.status in REDIRECTS and location:
+            raise TooManyRedirects(url)
+        try:
+            yield response
+        finally:
+            response.done()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
+    def _forget(self) -> None:
+        """In a forked child: the kept connections are the parent's (two processes
+        reading one socket would take each other's answers); drop our copies."""
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()  # closes the child's descriptor only: no shutdown
+
+    def _exchange(self, url: str, headers: dict[str, str], timeout: float) -> Response:
+        parts = urlsplit(url)
+        key = _origin(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        asked = {name.lower() for name in headers}
+        while True:
+            conn, reused = self._take(key, timeout)
+            try:
+                conn.putrequest("GET", target, skip_host="host" in asked, skip_accept_encoding=True)
+                for name, value in self.headers.items():
+                    if name.lower() not in asked:
+                        conn.putheader(name, value)
+                for name, value in headers.items():
+                    conn.putheader(name, value)
+                conn.endheaders()
+                answer = conn.getresponse()
+            except (ConnectionError, http.client.BadStatusLine):
+                conn.close()
+                # RemoteDisconnected, reset, broken pipe on a kept-alive connection:
+                # the server closed it while idle; nothing was answered, ask again.
+                if reused:
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            return Response(self, key, conn, answer, url)
+
+    def _take(self, key: tuple[str, str, int], timeout: float) -> tuple[Any, bool]:
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                break
+            if _is_quiet(conn.sock):
+                conn.sock.settimeout(timeout)
+                return conn, True
+            conn.close()  # closed by the server, or unread bytes: never reused
+        scheme, host, port = key
+        connect = min(timeout, self.connect_timeout)
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=connect, context=self.tls)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=connect)
+        try:
+            conn.connect()
+            conn.sock.settimeout(timeout)
+        except BaseException:
+            conn.close()
+            raise
+        return conn, False
+
+    def _give_back(self, key: tuple[str, str, int], conn: Any) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < KEEP:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def _has_netrc_entry(self, host: str) -> bool:
+        """Whether ``~/.netrc`` (or ``$NETRC``) has credentials httpx would send to ``host``.
+
+        The file is parsed again only when it changes; one that cannot be
+        parsed counts as having an entry (httpx then warns and goes on).
+        """
+        path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        stamp = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+        cached = self._netrc
+        if cached is None or cached[0] != stamp:
+            import netrc
+
+            try:
+                parsed: Any = netrc.netrc(path)
+            except (netrc.NetrcParseError, OSError):
+                parsed = None
+            self._netrc = cached = (stamp, parsed)
+        return cached[1] is None or cached[1].authenticators(host) is not None
+
+
+class Response:
+    """One answer: ``status``, ``reason``, ``headers`` (case-insensitive ``get``),
+    ``url`` (after redirects), and its body through ``read1`` / ``readinto`` /
+    ``length`` (the bytes still to come, None when unknown or chunked)."""
+
+    def __init__(self, pool: Pool, key: Any, conn: Any, answer: Any, url: str) -> None:
+        self._pool = pool
+        self._key = key
+        self._conn = conn
+        self._answer = answer
+        self.status: int = answer.status
+        self.reason: str = answer.reason
+        self.headers = answer.headers
+        self.url = url
+        self.read1 = answer.read1
+
+    @property
+    def length(self) -> int | None:
+        return self._answer.length
+
+    def readinto(self, buf: memoryview) -> int:
+        """Bytes of the body into ``buf``; 0 at its end, or early at a clean EOF.
+
+        A timeout or reset loses what this call had received (the buffered
+        reader raises, not returns): a resume then starts a little earlier.
+        """
+        try:
+            return self._answer.readinto(buf)
+        except http.client.IncompleteRead as exc:
+            return len(exc.partial)  # already in buf; the next call returns 0
+
+    def drain(self) -> None:
+        """Read a (redirect's) body to its end to keep the connection, then let it go."""
+        try:
+            if self._answer.length is None or self._answer.length > DRAIN_MAX:
+                self._conn.close()
+            else:
+                self._answer.read()
+        except (OSError, http.client.HTTPException):
+            self._conn.close()
+        self.done()
+
+    def done(self) -> None:
+        """The connection goes back to the pool if the body was read to its end
+        and the server keeps it open; otherwise it is closed."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._answer.length == 0 and not self._answer.isclosed():
+            self._answer.read()  # read1 leaves a body read to its end open
+        if self._answer.isclosed() and not self._answer.will_close and conn.sock is not None:
+            self._pool._give_back(self._key, conn)
+        else:
+            conn.close()
+
+
+_PORTS = {"http": 80, "https": 443}
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for pool in list(_pools):
+        pool._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port): what a connection is kept for, and what a redirect
+    must keep for ``Authorization`` to go along."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _PORTS.get(scheme)
+    except ValueError:  # a malformed port: no origin of ours, Handover follows
+        port = None
+    return scheme, parts.hostname or "", port
+
+
+def _is_quiet(sock: Any) -> bool:
+    """True if an idle connection's socket has nothing to read: not closed by the
+    server, no stray bytes (TLS: none buffered either)."""
+    if sock is None:
+        return False
+    pending = getattr(sock, "pending", None)
+    if pending is not None and pending():
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
