@@ -289,7 +289,12 @@ class Store:
                             sha256=req.sha256, size=req.size, md5=req.md5, source=redact(url)
                         )
                         ingest.seal()
-                        published = committer.commit(ingest, sha, _row(req, ingest, fetched.url))
+                        published = committer.commit(
+                            ingest,
+                            sha,
+                            _row(req, ingest, fetched.url),
+                            keyed_by_url=req.sha256 is None,
+                        )
                 return published, fetched.url
             except (DownloadError, IntegrityFailure) as exc:
                 failures.append(exc)
@@ -578,7 +583,11 @@ class Store:
                     future.result()
 
         if reqs:
-            run([(g, {}) for g in groups.values()], GroupCommit(self.layout, self.index))
+            committer = GroupCommit(self.layout, self.index)
+            try:
+                run([(g, {}) for g in groups.values()], committer)
+            finally:
+                committer.flush()
             if put_off:  # every lock of this batch is released by now
                 run(put_off, None)
         return results  # type: ignore[return-value]
