@@ -7,22 +7,22 @@ A GET through ``http.client`` on a kept-alive connection costs ~0.14 ms
 (``bench/bench_concurrency.py --only small`` and the README).
 
 Only requests where httpx would add nothing come here (``Pool.takes``): an
-``http://`` or ``https://`` URL of plain ASCII, no credentials (none in the
-URL, no ``~/.netrc`` entry for its host), and no proxy in the environment.
+``http://`` or ``https://`` URL of plain characters, no credentials (none in
+the URL, no ``~/.netrc`` entry for its host), and no proxy configured.
 Everything else goes to httpx, which stays the reference (``fetch.download``
-hands over).  A redirect is followed here while its target qualifies, with
-httpx's rules (301/302/303/307/308, at most ``max_redirects``, the
-``Authorization`` header dropped when the origin changes); one that leads
-elsewhere raises ``Handover`` for httpx to carry on from.
+hands over).  Redirects are followed here by httpx's rules while their
+targets qualify (``Pool.get``); one that leads elsewhere, or sets a cookie,
+raises ``Handover`` for httpx to carry on.
 
 What goes on the wire is what httpx sends: HTTP/1.1, ``Host``, ``Accept``,
 ``Accept-Encoding: identity`` (bytes as stored: nothing is decoded),
 ``Connection: keep-alive``, our ``User-Agent``; TLS through the same
-verifying context.  Connections are pooled per origin (at most ``KEEP`` idle
-ones, as httpx keeps 20), reused only after a body was read to its end, and
-checked before reuse: one the server closed, or that holds unread bytes, is
-dropped.  A reused connection that fails before any byte of the answer (the
-server closed it while idle) is retried once on a new one, as httpcore does.
+verifying context; interim 1xx answers skipped.  Connections are pooled per
+origin (at most ``KEEP`` idle ones, for at most ``KEEP_IDLE`` seconds, as
+httpx keeps them), reused only after a body was read to its end, and checked
+before reuse: one the server closed, or that holds unread bytes, is dropped.
+A reused connection that fails before any byte of the answer (the server
+closed it while idle) is retried once on a new one, as httpcore does.
 
 This module knows nothing of sinks, retries or the store: it opens
 responses; ``fetch.py`` decides what to do with them.
@@ -35,6 +35,7 @@ import os
 import re
 import select
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,15 +44,18 @@ from urllib.parse import urljoin, urlsplit
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 KEEP = 20
+KEEP_IDLE = 5.0  # seconds a connection stays kept unused, as httpx's keepalive_expiry
 DRAIN_MAX = 64 << 10  # a redirect's body bigger than this costs its connection
 # RFC 3986's characters: anything else httpx would percent-encode first, so it goes there.
-_PLAIN_URL = re.compile(r"^https?://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+$", re.I)
-_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy")
+_PLAIN_URL = re.compile(r"https?://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+", re.I)
+# httpx sends "/a/../b" as "/b" and keeps an empty "?": left to it.
+_DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
 
 
 class Handover(Exception):
     """The request left what this module takes (a redirect to a proxied host,
-    another scheme, credentials): httpx carries on from ``url`` with ``headers``."""
+    another scheme, credentials, a cookie): httpx carries on from ``url`` with
+    ``headers``."""
 
     def __init__(self, url: str, headers: dict[str, str]) -> None:
         super().__init__(url)
@@ -63,12 +67,38 @@ class TooManyRedirects(Exception):
     pass
 
 
+class BadRedirect(http.client.HTTPException):
+    """A Location header that is no URL (httpx: RemoteProtocolError, retried)."""
+
+
+class _Answer(http.client.HTTPResponse):
+    """``http.client``'s response, past interim answers: it skips ``100 Continue``
+    only, and would take a ``103 Early Hints`` for the answer (httpx skips every
+    1xx).  Overrides ``_read_status``, the hook ``begin`` loops on for 100."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        while True:
+            version, status, reason = super()._read_status()
+            if not 100 < status < 200 or status == 101:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the interim answer's headers: dropped
+
+
+class _Connection(http.client.HTTPConnection):
+    response_class = _Answer
+
+
+class _TLSConnection(http.client.HTTPSConnection):
+    response_class = _Answer
+
+
 class Pool:
     """Kept-alive ``http.client`` connections per origin; safe to share between threads.
 
     ``headers`` go with every request (ours; the caller's come per request).
-    ``tls`` is the ``ssl.SSLContext`` for https.  The environment's proxies
-    are read once, here, as httpx reads them once per client.
+    ``tls`` is the ``ssl.SSLContext`` for https.  The proxies are read once,
+    here, as httpx reads them once per client: ``urllib.request.getproxies``,
+    the environment's, or on macOS and Windows the system's.
     """
 
     def __init__(
@@ -78,52 +108,75 @@ class Pool:
         tls: Any,
         connect_timeout: float,
         max_redirects: int,
+        keep_idle: float = KEEP_IDLE,
     ) -> None:
+        from urllib.request import getproxies
+
         self.headers = headers
         self.tls = tls
         self.connect_timeout = connect_timeout
         self.max_redirects = max_redirects
-        self.proxied = any(
-            os.environ.get(name) or os.environ.get(name.upper()) for name in _PROXY_VARS
-        )
-        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self.keep_idle = keep_idle
+        self.proxied = any(getproxies().get(k) for k in ("http", "https", "all"))
+        # Per origin, the kept connections and when each was given back.
+        self._idle: dict[tuple[str, str, int | None], list[tuple[Any, float]]] = {}
         self._lock = threading.Lock()
+        self._closed = False
         self._netrc: tuple[Any, Any] | None = None  # (stat key, parsed or None)
         _pools.add(self)
 
     def takes(self, url: str) -> bool:
         """True if a GET of ``url`` can go here rather than through httpx."""
-        if self.proxied or not _PLAIN_URL.match(url):
+        if self.proxied or not _PLAIN_URL.fullmatch(url):
             return False
-        parts = urlsplit(url)
         try:
-            parts.port  # noqa: B018 - raises on a malformed port
-        except ValueError:
+            parts = urlsplit(url)
+            host, _ = parts.hostname, parts.port
+        except ValueError:  # a bad port or IPv6 literal: httpx says what is wrong
             return False
-        host = parts.hostname
+        if _DOT_SEGMENT.search(parts.path) or (not parts.query and "?" in url):
+            return False
         return bool(host) and parts.username is None and not self._has_netrc_entry(host)
 
     @contextmanager
     def get(self, url: str, headers: dict[str, str], timeout: float) -> Iterator[Response]:
         """The response to ``GET url``, redirects followed, its body not yet read.
 
+        Redirects as httpx follows them: ``Cookie`` is not sent on, ``Host``
+        and ``Authorization`` not to another origin (``Authorization`` stays
+        on an upgrade from http://host to https://host).  A redirect that
+        sets a cookie hands the whole chain over, from ``url``: httpx keeps
+        cookies from one hop to the next.
+
         Raises:
             Handover: a redirect left what ``takes``; httpx goes on from there.
             TooManyRedirects: more than ``max_redirects``.
-            OSError, http.client.HTTPException: the connection or the answer failed.
+            OSError, http.client.HTTPException: the connection or the answer failed
+                (``BadRedirect``: a Location that is no URL).
         """
-        headers = dict(headers)
+        first, asked = url, dict(headers)
         for hop in range(self.max_redirects + 1):
             response = self._exchange(url, headers, timeout)
             location = response.headers.get("location")
             if response.status not in REDIRECTS or not location:
                 break
+            cookie = response.headers.get("set-cookie")
             response.drain()
             if hop == self.max_redirects:
                 break
-            target = urljoin(url, location.strip())
-            if _origin(target) != _origin(url):
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            if cookie is not None:
+                raise Handover(first, asked)
+            try:
+                target = urljoin(url, location.strip())
+                here, there = _origin(url), _origin(target)
+            except ValueError as exc:
+                raise BadRedirect(f"redirect to an invalid URL {location[:200]!r}") from exc
+            drop = {"cookie"}
+            if here != there:
+                drop.add("host")
+                if not _is_https_upgrade(here, there):
+                    drop.add("authorization")
+            headers = {k: v for k, v in headers.items() if k.lower() not in drop}
             if not self.takes(target):
                 raise Handover(target, headers)
             url = target
@@ -136,19 +189,16 @@ class Pool:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for conn in conns:
-                conn.close()
+        _close_all(idle)
 
     def _forget(self) -> None:
         """In a forked child: the kept connections are the parent's (two processes
         reading one socket would take each other's answers); drop our copies."""
         self._lock = threading.Lock()  # another thread may have held it at the fork
         idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for conn in conns:
-                conn.close()  # closes the child's descriptor only: no shutdown
+        _close_all(idle)  # closes the child's descriptors only: no shutdown
 
     def _exchange(self, url: str, headers: dict[str, str], timeout: float) -> Response:
         parts = urlsplit(url)
@@ -178,23 +228,24 @@ class Pool:
                 raise
             return Response(self, key, conn, answer, url)
 
-    def _take(self, key: tuple[str, str, int], timeout: float) -> tuple[Any, bool]:
+    def _take(self, key: tuple[str, str, int | None], timeout: float) -> tuple[Any, bool]:
         while True:
             with self._lock:
                 idle = self._idle.get(key)
-                conn = idle.pop() if idle else None
+                conn, since = idle.pop() if idle else (None, 0.0)
             if conn is None:
                 break
-            if _is_quiet(conn.sock):
+            # Unused too long: a NAT or firewall may have dropped it without a word.
+            if time.monotonic() - since < self.keep_idle and _is_quiet(conn.sock):
                 conn.sock.settimeout(timeout)
                 return conn, True
-            conn.close()  # closed by the server, or unread bytes: never reused
+            conn.close()  # expired, closed by the server, or unread bytes: never reused
         scheme, host, port = key
         connect = min(timeout, self.connect_timeout)
         if scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=connect, context=self.tls)
+            conn = _TLSConnection(host, port, timeout=connect, context=self.tls)
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=connect)
+            conn = _Connection(host, port, timeout=connect)
         try:
             conn.connect()
             conn.sock.settimeout(timeout)
@@ -203,11 +254,11 @@ class Pool:
             raise
         return conn, False
 
-    def _give_back(self, key: tuple[str, str, int], conn: Any) -> None:
+    def _give_back(self, key: tuple[str, str, int | None], conn: Any) -> None:
         with self._lock:
             idle = self._idle.setdefault(key, [])
-            if len(idle) < KEEP:
-                idle.append(conn)
+            if not self._closed and len(idle) < KEEP:
+                idle.append((conn, time.monotonic()))
                 return
         conn.close()
 
@@ -238,7 +289,12 @@ class Pool:
 class Response:
     """One answer: ``status``, ``reason``, ``headers`` (case-insensitive ``get``),
     ``url`` (after redirects), and its body through ``read1`` / ``readinto`` /
-    ``length`` (the bytes still to come, None when unknown or chunked)."""
+    ``length`` (the bytes still to come, None when unknown or chunked).
+
+    ``readinto`` returns what arrived before a clean EOF; a timeout or reset
+    loses what that call had received (the buffered reader raises rather than
+    returns), so a resume then starts a little earlier.
+    """
 
     def __init__(self, pool: Pool, key: Any, conn: Any, answer: Any, url: str) -> None:
         self._pool = pool
@@ -250,21 +306,11 @@ class Response:
         self.headers = answer.headers
         self.url = url
         self.read1 = answer.read1
+        self.readinto = answer.readinto
 
     @property
     def length(self) -> int | None:
         return self._answer.length
-
-    def readinto(self, buf: memoryview) -> int:
-        """Bytes of the body into ``buf``; 0 at its end, or early at a clean EOF.
-
-        A timeout or reset loses what this call had received (the buffered
-        reader raises, not returns): a resume then starts a little earlier.
-        """
-        try:
-            return self._answer.readinto(buf)
-        except http.client.IncompleteRead as exc:
-            return len(exc.partial)  # already in buf; the next call returns 0
 
     def drain(self) -> None:
         """Read a (redirect's) body to its end to keep the connection, then let it go."""
@@ -283,9 +329,10 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if self._answer.length == 0 and not self._answer.isclosed():
-            self._answer.read()  # read1 leaves a body read to its end open
-        if self._answer.isclosed() and not self._answer.will_close and conn.sock is not None:
+        answer = self._answer
+        if answer.length == 0 and not answer.isclosed():
+            answer.read()  # read1 leaves a body read to its end open
+        if answer.status >= 200 and answer.isclosed() and not answer.will_close and conn.sock:
             self._pool._give_back(self._key, conn)
         else:
             conn.close()
@@ -303,28 +350,48 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
+def _close_all(idle: dict[Any, list[tuple[Any, float]]]) -> None:
+    for conns in idle.values():
+        for conn, _ in conns:
+            conn.close()
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
     """(scheme, host, port): what a connection is kept for, and what a redirect
-    must keep for ``Authorization`` to go along."""
+    must keep for ``Authorization`` to go along.  Raises ValueError on a URL
+    ``urlsplit`` cannot take apart."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     try:
         port = parts.port or _PORTS.get(scheme)
-    except ValueError:  # a malformed port: no origin of ours, Handover follows
+    except ValueError:  # a malformed port: not ours to take, httpx says what is wrong
         port = None
     return scheme, parts.hostname or "", port
 
 
+def _is_https_upgrade(
+    here: tuple[str, str, int | None], there: tuple[str, str, int | None]
+) -> bool:
+    """http://host to https://host on the default ports: httpx keeps ``Authorization``."""
+    return here == ("http", there[1], 80) and there == ("https", here[1], 443)
+
+
 def _is_quiet(sock: Any) -> bool:
     """True if an idle connection's socket has nothing to read: not closed by the
-    server, no stray bytes (TLS: none buffered either)."""
+    server, no stray bytes (TLS: none buffered either).  ``poll``, not
+    ``select``: a batch may hold descriptors past 1024, which ``select`` refuses."""
     if sock is None:
         return False
     pending = getattr(sock, "pending", None)
     if pending is not None and pending():
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        fileno = sock.fileno()
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fileno, select.POLLIN)
+            return not poller.poll(0)
+        readable, _, _ = select.select([fileno], [], [], 0)
     except (OSError, ValueError):
         return False
     return not readable

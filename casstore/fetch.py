@@ -176,7 +176,8 @@ def parse_header(text: str) -> tuple[str, str]:
 def _check_headers(items: Any) -> tuple[tuple[str, str], ...]:
     out = []
     for name, value in items:
-        if not _HEADER_NAME.match(name) or "\n" in value or "\r" in value:
+        # ASCII only: httpx refuses other values, http.client would send latin-1.
+        if not _HEADER_NAME.match(name) or "\n" in value or "\r" in value or not value.isascii():
             raise InvalidInput(f"invalid header {name[:40]!r}")
         out.append((name, value))
     return tuple(out)
@@ -281,7 +282,8 @@ class Session:
         self.timeout = timeout
         self.tls = _tls_context()
         if direct is None:
-            direct = os.environ.get("CASSTORE_DIRECT", "1").strip() != "0"
+            off = ("0", "false", "no", "off")
+            direct = os.environ.get("CASSTORE_DIRECT", "1").strip().lower() not in off
         self.pool = (
             Pool(
                 headers={"Accept": "*/*", "Connection": "keep-alive", **HEADERS},
@@ -799,7 +801,8 @@ def _through_pool(
 ) -> Fetched:
     with pool.get(url, headers, t.policy.timeout) as r:
         _accept(t, sink, r.status, r.headers, r.reason, r.url)
-        if r.length is not None and r.length >= sink.BATCH:
+        limit = _limit(t)
+        if r.length is not None and r.length >= sink.BATCH and limit == sink.size + r.length:
             # http.client reads a sized body into our buffers with no copy per read
             # (as fast as _body_socket, bench_download.py) and keeps the connection.
             _recv_body(t, sink, r.readinto, r.length)
@@ -828,8 +831,16 @@ def _failure(exc: Exception, t: _Transfer) -> Exception:
 
     httpx = sys.modules.get("httpx")
     text = _describe(exc, t.url)
-    if isinstance(exc, OSError | http.client.HTTPException):
+    if isinstance(exc, http.client.ImproperConnectionState):
+        return exc  # our misuse of a connection, not the network's doing
+    if isinstance(exc, http.client.HTTPException) and not isinstance(exc, OSError):
+        # Its text may be the server's raw status line: named and quoted, never echoed.
+        what = f"{type(exc).__name__}: {str(exc)[:80]!r}" if str(exc) else type(exc).__name__
+        return _Retry(f"bad answer from the server ({what})", cause=exc)
+    if isinstance(exc, OSError):
         return _Retry(text, cause=exc)
+    if isinstance(exc, UnicodeError):  # a host name IDNA cannot encode (a..b, a 64-char label)
+        return DownloadError(f"invalid URL {t.shown}: {text}", url=t.shown, attempts=t.attempts)
     if httpx is not None and isinstance(
         exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError
     ):

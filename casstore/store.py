@@ -1,7 +1,7 @@
 """``Store``: the Python API, composing layout, ingest, index, fetch and link.
 
 A Store is safe to share between threads (the index keeps a connection per
-thread, httpx's client is thread-safe) and to open from many processes at
+thread; downloads share one thread-safe ``fetch.Session``) and to open from many processes at
 once: every write goes through a unique temp and an idempotent publish, and
 locks only spare bandwidth.  Its methods mirror the command line one to one:
 
@@ -350,6 +350,12 @@ class Store:
         from .progress import Bar
 
         return Bar(redact(url))
+
+    @property
+    def client(self) -> Any:
+        """The httpx client downloads use where they do not go over ``http.client``
+        (created on first use)."""
+        return self._downloads().client
 
     def _downloads(self) -> Any:
         """The downloads' shared ``fetch.Session`` (made on first use)."""

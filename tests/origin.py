@@ -70,6 +70,7 @@ class Seen:
     port: int = 0  # the client's port: one per connection
     status: int = 0
     sent: int = 0
+    target: str = ""  # the request line's target, as sent (path, query)
 
 
 class Origin:
@@ -146,7 +147,7 @@ class Origin:
     def _serve(self, h: BaseHTTPRequestHandler, *, head: bool) -> None:
         path = h.path.split("?", 1)[0]
         asked = {k.lower(): v for k, v in h.headers.items()}
-        seen = Seen(h.command, path, asked, port=h.client_address[1])
+        seen = Seen(h.command, path, asked, port=h.client_address[1], target=h.path)
         with self._lock:
             self.seen.append(seen)
             nth = len([s for s in self.seen if s.path == path and s.method == h.command])
@@ -167,7 +168,7 @@ class Origin:
             extra = {"Retry-After": "0"} if status in (429, 503) else {}
             return self._empty(h, seen, status, extra)
         if route.redirect_to is not None:
-            return self._empty(h, seen, 302, {"Location": route.redirect_to})
+            return self._empty(h, seen, 302, {"Location": route.redirect_to, **route.headers})
         if route.status != 200:
             return self._empty(h, seen, route.status)
 

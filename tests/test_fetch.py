@@ -408,6 +408,17 @@ def test_https_large_body_from_the_tls_socket(tls_origin, tls_cert, monkeypatch)
     assert seen[3].port != seen[2].port  # /whole came from the TLS socket
 
 
+def test_https_through_http_client_is_verified_and_kept_alive(
+    store, store_dir, tls_origin, tls_cert, monkeypatch
+):
+    monkeypatch.setenv("SSL_CERT_FILE", tls_cert[0])
+    urls = [tls_origin.add("/one", DATA), tls_origin.add("/two", BIG), tls_origin.add("/3", HUGE)]
+    for url, data in zip(urls, (DATA, BIG, HUGE), strict=True):
+        assert store.get(url, sha256=sha(data)).read_bytes() == data
+    assert len({s.port for s in tls_origin.requests()}) == 1  # one TLS connection, kept
+    assert_store_consistent(store_dir)
+
+
 def test_https_certificate_is_verified(store, store_dir, tls_origin):
     url = tls_origin.add("/untrusted", DATA)
     with pytest.raises(DownloadError, match="CERTIFICATE_VERIFY_FAILED"):
