@@ -11,9 +11,10 @@ a round for every temp queued so far, its own included:
    EEXIST is success; a wrong-sized object is quarantined and replaced);
 2. fsyncs each directory that gained an object, once, however many it gained;
 3. queues the round's index rows, and writes every queued row in one
-   transaction once ``ROWS`` are queued, the oldest has waited ``ROWS_AGE``
-   seconds, the round holds an item keyed by URL (see below), or the batch
-   ends (``flush``);
+   transaction once ``ROWS`` are queued, the round holds an item keyed by
+   URL (see below), ``ROWS_AGE`` seconds after the oldest was queued (a
+   timer enters a round of its own if no other comes), or when the batch
+   ends (``close``);
 4. wakes the round's workers; each materializes its ``dest`` and only then
    releases its artifact's lock (so gc cannot evict the object before use).
 
@@ -24,9 +25,11 @@ and ~80 µs on disk against ~16 and ~25 in transactions of 32
 whose row is still queued is already complete and durable: another process
 finds it by its path, and a hit on an object without a row indexes it (the
 objects are the truth; gc leaves an object without a row alone for a
-minute).  Only an item keyed by URL (trust on first use, or md5 only) needs
-its row before its lock goes: a process waiting on that lock learns the
-digest from the row.
+minute, and a queued row whose object has gone is dropped).  Only an item
+keyed by URL (trust on first use, or md5 only) needs its row before its lock
+goes: a process waiting on that lock learns the digest from the row.  A row
+that cannot be written once its item was delivered fails that item in
+``ensure_many``'s results, as a row written at once would have.
 
 Why SPEC §1's order still holds for every single object: its bytes are
 durable (fsync by its worker) and verified before its ``link`` (step 1), the
@@ -69,10 +72,12 @@ ROWS_AGE = 0.5
 
 
 class _Pending:
+    """A temp handed to a round, or (``ingest`` None) a request to write the queued rows."""
+
     __slots__ = ("error", "finished", "ingest", "keyed_by_url", "published", "row", "sha256")
 
     def __init__(
-        self, ingest: Ingest, sha256: str, row: dict[str, Any], keyed_by_url: bool
+        self, ingest: Ingest | None, sha256: str, row: dict[str, Any], keyed_by_url: bool
     ) -> None:
         self.ingest = ingest
         self.sha256 = sha256
@@ -86,13 +91,16 @@ class _Pending:
 class GroupCommit:
     """Publishes the temps of one batch's workers in rounds; safe to share between threads.
 
-    ``commit`` blocks its worker until that temp is published, its directory
-    durable and its row committed.  There is no committer thread: the worker
-    at the head of the queue leads a round for every temp queued so far
-    (its own included) while the workers that arrive meanwhile wait; when it
-    is done, the next waiting worker leads the next round (LevelDB's writer
-    queue).  A lone worker thus commits its own temp at once, with no
-    hand-off between threads.
+    ``commit`` blocks its worker until that temp is published and its
+    directory durable; its row is queued (see the module's docstring).
+    There is no committer thread: the worker at the head of the queue leads
+    a round for every temp queued so far (its own included) while the
+    workers that arrive meanwhile wait; when it is done, the next waiting
+    worker leads the next round (LevelDB's writer queue).  A lone worker thus
+    commits its own temp at once, with no hand-off between threads.  Queued
+    rows are written by a round, never beside one: ``flush`` (and a timer,
+    ``rows_age`` after a row was queued, for when no round comes) enters the
+    queue as a round of its own.
     """
 
     def __init__(
@@ -101,23 +109,43 @@ class GroupCommit:
         self.layout = layout
         self.index = index
         self.rows, self.rows_age = rows, rows_age
+        # Objects delivered whose rows could not be written, with the reason.
+        self.unindexed: dict[str, BaseException] = {}
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._rows: list[_Pending] = []  # published, rows not yet written (leaders only)
         self._since = 0.0
+        self._timer: threading.Timer | None = None
 
     def commit(
         self, ingest: Ingest, sha256: str, row: dict[str, Any], *, keyed_by_url: bool = False
     ) -> Published:
         """Publish ``ingest``'s verified, sealed temp as ``sha256`` and queue its index
-        row (``Index.record_objects`` options), written by the time the row is
-        needed: at once if ``keyed_by_url``, else within ``ROWS`` rows or
-        ``ROWS_AGE`` seconds, and by ``flush``.  Blocks the calling worker.
+        row (``Index.record_objects`` options): written at once if
+        ``keyed_by_url``, else once ``rows`` are queued or ``rows_age``
+        seconds after, and by ``close``.  Blocks the calling worker.
 
         Raises whatever publishing (or writing its own row) raised; the temp
         is then left to the caller's ``Ingest`` to remove.
         """
-        pending = _Pending(ingest, sha256, row, keyed_by_url)
+        pending = self._enter(_Pending(ingest, sha256, row, keyed_by_url))
+        if pending.error is not None:
+            raise pending.error
+        assert pending.published is not None
+        return pending.published
+
+    def flush(self) -> None:
+        """Write every queued row now, in a round of its own."""
+        self._enter(_Pending(None, "", {}, False))
+
+    def close(self) -> None:
+        """Write every queued row and stop the timer; call once the workers are done."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        self.flush()
+
+    def _enter(self, pending: _Pending) -> _Pending:
         with self._cond:
             self._queue.append(pending)
             while not pending.finished and self._queue[0] is not pending:
@@ -136,15 +164,14 @@ class GroupCommit:
                         p.finished = True
                         self._queue.popleft()
                     self._cond.notify_all()
-        if pending.error is not None:
-            raise pending.error
-        assert pending.published is not None
-        return pending.published
+        return pending
 
     def _round(self, batch: list[_Pending]) -> None:
         linked: list[tuple[_Pending, Path, bool]] = []
         dirs: dict[Path, list[_Pending]] = {}
         for p in batch:
+            if p.ingest is None:
+                continue
             try:
                 path, created = publish(
                     self.layout, p.ingest.temp, p.sha256, p.ingest.size, sync_dir=False
@@ -162,41 +189,51 @@ class GroupCommit:
                 for p in members:
                     self._fail(p, exc)
         durable = [(p, path, created) for p, path, created in linked if p.error is None]
-        if not self._rows:
+        if durable and not self._rows:
             self._since = time.monotonic()
         self._rows.extend(p for p, _, _ in durable)
-        if (
+        if self._rows and (
             len(self._rows) >= self.rows
             or time.monotonic() - self._since >= self.rows_age
             or any(p.keyed_by_url for p, _, _ in durable)
+            or any(p.ingest is None for p in batch)
         ):
             self._write_rows()
+        elif self._rows and self._timer is None:
+            self._timer = threading.Timer(self.rows_age, self._due)
+            self._timer.daemon = True
+            self._timer.start()
         for p, path, created in durable:
             if p.error is None:
-                p.published = p.ingest.published_at(path, created)
+                p.published = p.ingest.published_at(path, created)  # type: ignore[union-attr]
 
-    def flush(self) -> None:
-        """Write every queued row; call once the batch's workers are done."""
-        if self._rows:
-            self._write_rows()
+    def _due(self) -> None:
+        self._timer = None
+        self.flush()
 
     def _write_rows(self) -> None:
-        pending, self._rows = self._rows, []
+        # gc removes an object without a row only after a minute; checked anyway,
+        # so that a row never points at nothing.
+        pending = [p for p in self._rows if self.layout.object_path(p.sha256).exists()]
+        self._rows = []
+
+        def record(group: list[_Pending]) -> None:
+            self.index.record_objects([(p.sha256, p.ingest.size, p.row) for p in group])  # type: ignore[union-attr]
+
         try:
-            self.index.record_objects([(p.sha256, p.ingest.size, p.row) for p in pending])
+            record(pending)
             return
         except Exception:
             pass
         # One bad row must not cost the others theirs: index them one by one.
         for p in pending:
             try:
-                self.index.record_objects([(p.sha256, p.ingest.size, p.row)])
+                record([p])
             except Exception as exc:
                 if not p.finished:
                     self._fail(p, exc)  # its worker is waiting in this round: its error
                 else:
-                    # Already delivered: the object is complete and is indexed on its next use.
-                    log.warning("could not index %s: %s", p.sha256, exc)
+                    self.unindexed[p.sha256] = exc  # delivered already: ensure_many reports it
 
     @staticmethod
     def _fail(p: _Pending, exc: BaseException) -> None:

@@ -154,23 +154,24 @@ class Pool:
             OSError, http.client.HTTPException: the connection or the answer failed
                 (``BadRedirect``: a Location that is no URL).
         """
-        first, asked = url, dict(headers)
+        first, asked = url, headers
         for hop in range(self.max_redirects + 1):
             response = self._exchange(url, headers, timeout)
             location = response.headers.get("location")
             if response.status not in REDIRECTS or not location:
                 break
-            cookie = response.headers.get("set-cookie")
+            cookies = response.headers.get_all("set-cookie") or []
             response.drain()
             if hop == self.max_redirects:
                 break
-            if cookie is not None:
-                raise Handover(first, asked)
             try:
                 target = urljoin(url, location.strip())
                 here, there = _origin(url), _origin(target)
             except ValueError as exc:
-                raise BadRedirect(f"redirect to an invalid URL {location[:200]!r}") from exc
+                # The Location itself may hold credentials: never echoed.
+                raise BadRedirect("a redirect to an invalid URL") from exc
+            if any(_applies(cookie, here[1], there[1]) for cookie in cookies):
+                raise Handover(first, asked)  # httpx carries cookies from hop to hop
             drop = {"cookie"}
             if here != there:
                 drop.add("host")
@@ -280,7 +281,7 @@ class Pool:
 
             try:
                 parsed: Any = netrc.netrc(path)
-            except (netrc.NetrcParseError, OSError):
+            except (netrc.NetrcParseError, OSError, UnicodeError):
                 parsed = None
             self._netrc = cached = (stamp, parsed)
         return cached[1] is None or cached[1].authenticators(host) is not None
@@ -367,6 +368,17 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     except ValueError:  # a malformed port: not ours to take, httpx says what is wrong
         port = None
     return scheme, parts.hostname or "", port
+
+
+_COOKIE_DOMAIN = re.compile(r";\s*domain\s*=\s*\.?([^;\s]+)", re.I)
+
+
+def _applies(cookie: str, host: str, target: str) -> bool:
+    """Whether a cookie ``host`` set could go with a request to ``target``: the same
+    host, or one in its ``Domain`` (RFC 6265 §5.1.3; paths left aside)."""
+    m = _COOKIE_DOMAIN.search(cookie)
+    domain = m.group(1).lower() if m else host
+    return target == domain or (m is not None and target.endswith("." + domain))
 
 
 def _is_https_upgrade(

@@ -729,7 +729,7 @@ def _auth(url: str) -> Any:
 
     try:
         return httpx.NetRCAuth(path)
-    except (netrc.NetrcParseError, OSError) as exc:
+    except (netrc.NetrcParseError, OSError, UnicodeError) as exc:
         log.warning("ignoring %s: %s", path, exc)
         return httpx.USE_CLIENT_DEFAULT
 
@@ -831,15 +831,14 @@ def _failure(exc: Exception, t: _Transfer) -> Exception:
 
     httpx = sys.modules.get("httpx")
     text = _describe(exc, t.url)
-    if isinstance(exc, http.client.ImproperConnectionState):
-        return exc  # our misuse of a connection, not the network's doing
     if isinstance(exc, http.client.HTTPException) and not isinstance(exc, OSError):
         # Its text may be the server's raw status line: named and quoted, never echoed.
         what = f"{type(exc).__name__}: {str(exc)[:80]!r}" if str(exc) else type(exc).__name__
         return _Retry(f"bad answer from the server ({what})", cause=exc)
     if isinstance(exc, OSError):
         return _Retry(text, cause=exc)
-    if isinstance(exc, UnicodeError):  # a host name IDNA cannot encode (a..b, a 64-char label)
+    # IDNA's error for a host it cannot encode (a..b, a 64-char label); not a codec's.
+    if type(exc) is UnicodeError:
         return DownloadError(f"invalid URL {t.shown}: {text}", url=t.shown, attempts=t.attempts)
     if httpx is not None and isinstance(
         exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError

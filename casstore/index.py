@@ -412,22 +412,26 @@ class Index:
 
     # -- links -------------------------------------------------------------
 
-    def record_link(self, path: str, device: int, inode: int, sha256: str, method: str) -> bool:
-        """Record a materialized destination; False when the object has no row.
-
-        The row may have gone between the caller's use and this insert (gc
-        evicted the object): that is reported, not raised as a foreign key error.
-        """
+    def record_link(
+        self, path: str, device: int, inode: int, sha256: str, method: str, size: int
+    ) -> None:
+        """Record a materialized destination of an object the caller has just seen
+        on disk (``size``), writing the object's row too if it has none (a
+        batch's row still queued, gc, a lost index), in one transaction."""
+        now = time.time()
         with self._write() as conn:
-            cur = conn.execute(
+            conn.execute(
+                "INSERT INTO objects (sha256, size, created, last_used) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (sha256) DO NOTHING",
+                (sha256, size, now, now),
+            )
+            conn.execute(
                 "INSERT INTO links (path, device, inode, sha256, method, recorded) "
-                "SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM objects WHERE sha256 = ?) "
-                "ON CONFLICT (path) DO UPDATE SET "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET "
                 "device = excluded.device, inode = excluded.inode, sha256 = excluded.sha256, "
                 "method = excluded.method, recorded = excluded.recorded",
-                (path, device, inode, sha256, method, time.time(), sha256),
+                (path, device, inode, sha256, method, now),
             )
-        return cur.rowcount > 0
 
     def sources_of(self, sha256: str) -> list[str]:
         rows = self.conn.execute(

@@ -522,9 +522,8 @@ class Store:
         Up to ``concurrency`` workers download at once; while the process is
         CPU-bound (small files from a fast origin) fewer run, as long as that
         is no slower (throttle.py).  Downloads are published in rounds
-        (batch.py): each worker fsyncs its own temp, one committer links,
-        fsyncs each directory once and indexes every temp handed over
-        meanwhile in one transaction.  A worker only
+        (batch.py): each worker fsyncs its own temp, one committer links and
+        fsyncs each directory once, and index rows are written in groups.  A worker only
         tries an artifact's lock; a group whose lock another process holds is
         put off until this batch holds no locks, then waits for it as ``get``
         does, so two batches over overlapping lists never wait on each other.
@@ -593,7 +592,11 @@ class Store:
             try:
                 run([(g, {}) for g in groups.values()], committer)
             finally:
-                committer.flush()
+                committer.close()
+            for i, outcome in enumerate(results):
+                if isinstance(outcome, Artifact) and outcome.sha256 in committer.unindexed:
+                    reason = committer.unindexed[outcome.sha256]
+                    results[i] = CasError(f"could not index {outcome.sha256}: {reason}")
             if put_off:  # every lock of this batch is released by now
                 run(put_off, None)
         return results  # type: ignore[return-value]
@@ -713,11 +716,10 @@ class Store:
         if method == "copy" and mode == LinkMode.AUTO and first_copy_warning(dest.parent):
             log.warning("hardlinks impossible from the store to %s; copied instead", dest.parent)
         st = dest.lstat()
-        if not self.index.record_link(str(dest), st.st_dev, st.st_ino, sha, method):
-            # The row went (gc, or a lost index): index the object if it is still here.
-            size = obj.stat().st_size  # FileNotFoundError: evicted, the caller refetches
-            self.index.record_use(sha, size)
-            self.index.record_link(str(dest), st.st_dev, st.st_ino, sha, method)
+        # The object may have no row (a batch's row still queued, gc, a lost index):
+        # the link's transaction writes one if the object is still here.
+        size = obj.stat().st_size  # FileNotFoundError: evicted, the caller refetches
+        self.index.record_link(str(dest), st.st_dev, st.st_ino, sha, method, size)
         if method == "symlink":
             obj.stat()  # a symlink to an object evicted meanwhile would dangle
         return LinkResult(sha256=sha, dest=dest, method=method)

@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -246,4 +247,21 @@ def test_every_row_is_written_by_the_time_get_many_returns(store, store_dir, ori
         assert store.index.get_object(digest) is not None
         assert store.index.lookup_source(url) == digest
         assert store.resolve(f"item-{i}") == digest
+    assert_store_consistent(store_dir)
+
+
+def test_a_queued_row_is_written_when_no_other_round_comes(store, store_dir):
+    """The timer: a batch whose other workers are all on long downloads."""
+    from casstore.batch import GroupCommit
+
+    store.layout.ensure()
+    committer = GroupCommit(store.layout, store.index, rows_age=0.05)
+    ingest, digest = _sealed(store.layout, blob(5000, seed=301))
+    with ingest:
+        committer.commit(ingest, digest, {})
+    deadline = time.monotonic() + 10
+    while store.index.get_object(digest) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.index.get_object(digest) is not None
+    committer.close()
     assert_store_consistent(store_dir)

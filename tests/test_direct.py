@@ -256,6 +256,12 @@ def test_cookies_follow_redirects_as_httpx_has_them(
         assert s.get(origin.url("/away"), sha256=sha(DATA)).read_bytes() == DATA
     with Store(store_dir) as s:
         assert s.get(origin.url("/login"), sha256=sha(OTHER)).read_bytes() == OTHER
+    # A cookie for this host only does not go to another: the chain is not restarted.
+    theirs = second_origin.add("/theirs", OTHER * 2).replace("127.0.0.1", "localhost")
+    origin.add("/mine", redirect_to=theirs, headers={"Set-Cookie": "k=v"})
+    with Store(store_dir) as s:
+        assert s.get(origin.url("/mine"), sha256=sha(OTHER * 2)).read_bytes() == OTHER * 2
+    assert origin.count("/mine") == 1
     assert origin.requests("/away")[0].headers["cookie"] == "mine=1"
     assert "cookie" not in second_origin.requests("/elsewhere")[0].headers
     assert origin.requests("/gated")[-1].status == 200
@@ -276,13 +282,16 @@ def test_authorization_stays_on_an_upgrade_to_https_of_the_same_host():
 
 
 @BOTH
-def test_a_redirect_to_no_url_at_all_is_a_download_error(store_dir, origin, monkeypatch, direct):
+def test_a_redirect_to_no_url_at_all_is_a_download_error(
+    store_dir, origin, monkeypatch, caplog, direct
+):
     monkeypatch.setenv("CASSTORE_DIRECT", direct)
-    url = origin.add("/bad", redirect_to="http://[::1/x")
+    url = origin.add("/bad", redirect_to="http://user:s3cret@[::1/x")
     with Store(store_dir, retries=1) as s, pytest.raises(DownloadError) as info:
         s.get(url, sha256=sha(DATA))
     assert info.value.exit_code == 4
     assert origin.count("/bad") == 2  # a protocol error: retried, as httpx's
+    assert "s3cret" not in str(info.value) and "s3cret" not in caplog.text
 
 
 @BOTH
@@ -345,3 +354,14 @@ def test_the_request_target_is_the_same_either_way(
     with Store(store_dir) as s:
         s.get(origin.url(asked), sha256=sha(DATA))
     assert [r.target for r in origin.requests()] == [sent]
+
+
+@BOTH
+def test_a_netrc_that_is_not_text_is_ignored(store_dir, origin, tmp_path, monkeypatch, direct):
+    monkeypatch.setenv("CASSTORE_DIRECT", direct)
+    netrc = tmp_path / "home" / ".netrc"
+    netrc.parent.mkdir(exist_ok=True)
+    netrc.write_bytes(b"machine \xff\xfe login x password y\n")
+    url = origin.add("/x", DATA)
+    with Store(store_dir) as s:
+        assert s.get(url, sha256=sha(DATA)).read_bytes() == DATA
