@@ -145,8 +145,8 @@ class Pool:
         Redirects as httpx follows them: ``Cookie`` is not sent on, ``Host``
         and ``Authorization`` not to another origin (``Authorization`` stays
         on an upgrade from http://host to https://host).  A redirect that
-        sets a cookie hands the whole chain over, from ``url``: httpx keeps
-        cookies from one hop to the next.
+        sets a cookie the next hop would carry hands the whole chain over,
+        from ``url``: httpx keeps cookies from one hop to the next.
 
         Raises:
             Handover: a redirect left what ``takes``; httpx goes on from there.

@@ -1,5 +1,9 @@
 """Bytes from a URL into a sink: the only module that imports httpx.
 
+Plain GETs go over ``http.client`` (``direct.py``: a ``Session``'s pool),
+the rest through httpx; both paths share every decision here, and errors
+from either become the same ``_Retry`` or ``DownloadError`` (``_failure``).
+
 A sink is anything with ``write(bytes)``, ``reset()`` and ``size`` (an
 ``ingest.Ingest``; ``ensure_space(n)``, ``update`` and ``append`` are used
 when present, see ``Sink``); this module knows nothing of the store or SQL.

@@ -1,9 +1,9 @@
 """``Store``: the Python API, composing layout, ingest, index, fetch and link.
 
 A Store is safe to share between threads (the index keeps a connection per
-thread; downloads share one thread-safe ``fetch.Session``) and to open from many processes at
-once: every write goes through a unique temp and an idempotent publish, and
-locks only spare bandwidth.  Its methods mirror the command line one to one:
+thread; downloads share one thread-safe ``fetch.Session``) and to open from
+many processes at once: every write goes through a unique temp and an
+idempotent publish, and locks only spare bandwidth.  Its methods mirror the command line one to one:
 
     get, get_many, aget, put, path, open, link, info, ls, stats, pin, unpin, rm,
     gc, verify
