@@ -109,8 +109,8 @@ class GroupCommit:
         self.layout = layout
         self.index = index
         self.rows, self.rows_age = rows, rows_age
-        # Objects delivered whose rows could not be written, with the reason.
-        self.unindexed: dict[str, BaseException] = {}
+        # Delivered items whose rows could not be written: (sha256, row, reason).
+        self.unindexed: list[tuple[str, dict[str, Any], BaseException]] = []
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._rows: list[_Pending] = []  # published, rows not yet written (leaders only)
@@ -136,7 +136,9 @@ class GroupCommit:
 
     def flush(self) -> None:
         """Write every queued row now, in a round of its own."""
-        self._enter(_Pending(None, "", {}, False))
+        marker = self._enter(_Pending(None, "", {}, False))
+        if marker.error is not None:  # the round itself failed, not a row: say so
+            log.warning("could not index this batch's last objects: %s", marker.error)
 
     def close(self) -> None:
         """Write every queued row and stop the timer; call once the workers are done."""
@@ -212,13 +214,15 @@ class GroupCommit:
         self.flush()
 
     def _write_rows(self) -> None:
-        # gc removes an object without a row only after a minute; checked anyway,
-        # so that a row never points at nothing.
-        pending = [p for p in self._rows if self.layout.object_path(p.sha256).exists()]
-        self._rows = []
+        pending, self._rows = self._rows, []
+
+        def present(sha256: str) -> bool:
+            # gc drops an object without a row only after a minute; asked anyway.
+            return self.layout.object_path(sha256).exists()
 
         def record(group: list[_Pending]) -> None:
-            self.index.record_objects([(p.sha256, p.ingest.size, p.row) for p in group])  # type: ignore[union-attr]
+            rows = [(p.sha256, p.ingest.size, p.row) for p in group]  # type: ignore[union-attr]
+            self.index.record_objects(rows, present=present)
 
         try:
             record(pending)
@@ -233,7 +237,8 @@ class GroupCommit:
                 if not p.finished:
                     self._fail(p, exc)  # its worker is waiting in this round: its error
                 else:
-                    self.unindexed[p.sha256] = exc  # delivered already: ensure_many reports it
+                    # Delivered already: ensure_many turns that item into an error.
+                    self.unindexed.append((p.sha256, p.row, exc))
 
     @staticmethod
     def _fail(p: _Pending, exc: BaseException) -> None:

@@ -144,9 +144,10 @@ class Pool:
 
         Redirects as httpx follows them: ``Cookie`` is not sent on, ``Host``
         and ``Authorization`` not to another origin (``Authorization`` stays
-        on an upgrade from http://host to https://host).  A redirect that
-        sets a cookie the next hop would carry hands the whole chain over,
-        from ``url``: httpx keeps cookies from one hop to the next.
+        on an upgrade from http://host to https://host).  A chain in which a
+        cookie set by one hop would go with a later one is handed over whole:
+        httpx asks for ``url`` again and carries its cookies hop to hop (a
+        URL good for one request only would fail there).
 
         Raises:
             Handover: a redirect left what ``takes``; httpx goes on from there.
@@ -155,12 +156,14 @@ class Pool:
                 (``BadRedirect``: a Location that is no URL).
         """
         first, asked = url, headers
+        cookies: list[tuple[str, str]] = []  # (Set-Cookie, the host that set it)
         for hop in range(self.max_redirects + 1):
             response = self._exchange(url, headers, timeout)
             location = response.headers.get("location")
             if response.status not in REDIRECTS or not location:
                 break
-            cookies = response.headers.get_all("set-cookie") or []
+            setter = urlsplit(url).hostname or ""
+            cookies += [(c, setter) for c in response.headers.get_all("set-cookie") or []]
             response.drain()
             if hop == self.max_redirects:
                 break
@@ -170,8 +173,9 @@ class Pool:
             except ValueError as exc:
                 # The Location itself may hold credentials: never echoed.
                 raise BadRedirect("a redirect to an invalid URL") from exc
-            if any(_applies(cookie, here[1], there[1]) for cookie in cookies):
-                raise Handover(first, asked)  # httpx carries cookies from hop to hop
+            if any(_applies(cookie, setter, there[1]) for cookie, setter in cookies):
+                # httpx carries cookies from hop to hop; it asks for ``first`` again.
+                raise Handover(first, asked)
             drop = {"cookie"}
             if here != there:
                 drop.add("host")
@@ -374,11 +378,13 @@ _COOKIE_DOMAIN = re.compile(r";\s*domain\s*=\s*\.?([^;\s]+)", re.I)
 
 
 def _applies(cookie: str, host: str, target: str) -> bool:
-    """Whether a cookie ``host`` set could go with a request to ``target``: the same
-    host, or one in its ``Domain`` (RFC 6265 §5.1.3; paths left aside)."""
+    """Whether a cookie ``host`` set could go with a request to ``target``, as
+    ``http.cookiejar`` (httpx's) would send it: to the setter's host, its
+    ``Domain`` and their subdomains.  Paths are left aside: a cookie that
+    would not go only costs a needless hand-over."""
     m = _COOKIE_DOMAIN.search(cookie)
     domain = m.group(1).lower() if m else host
-    return target == domain or (m is not None and target.endswith("." + domain))
+    return target == domain or target.endswith("." + domain)
 
 
 def _is_https_upgrade(

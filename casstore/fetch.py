@@ -841,8 +841,9 @@ def _failure(exc: Exception, t: _Transfer) -> Exception:
         return _Retry(f"bad answer from the server ({what})", cause=exc)
     if isinstance(exc, OSError):
         return _Retry(text, cause=exc)
-    # IDNA's error for a host it cannot encode (a..b, a 64-char label); not a codec's.
-    if type(exc) is UnicodeError:
+    # IDNA's error for a host it cannot encode (a..b, a 64-char label): a plain
+    # UnicodeError before Python 3.13, a UnicodeEncodeError naming idna since.
+    if type(exc) is UnicodeError or getattr(exc, "encoding", None) == "idna":
         return DownloadError(f"invalid URL {t.shown}: {text}", url=t.shown, attempts=t.attempts)
     if httpx is not None and isinstance(
         exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError

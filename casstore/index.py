@@ -20,7 +20,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import CasError
 from .layout import INDEX, make_dirs
@@ -290,16 +290,26 @@ class Index:
             conn.execute(_UPSERT_OBJECT, (sha256, size, blake3, md5, now, now))
             self._record_name_source(conn, sha256, name, source, etag, last_modified, now)
 
-    def record_objects(self, rows: list[tuple[str, int, dict[str, Any]]]) -> None:
+    def record_objects(
+        self,
+        rows: list[tuple[str, int, dict[str, Any]]],
+        *,
+        present: Callable[[str], bool] | None = None,
+    ) -> None:
         """``record_object`` for many fresh objects in one transaction (a batch's).
 
         Each row is (sha256, size, options) with ``record_object``'s keyword
         options, plus ``also_source``: a second URL (the final one after
-        redirects) recorded for the same object.
+        redirects) recorded for the same object.  ``present(sha256)``, if
+        given, is asked inside the transaction, and a row whose object it
+        says is gone is left out: gc unlinks an object before it takes the
+        write lock to drop its row, so no row can come back without its file.
         """
         now = time.time()
         with self._write() as conn:
             for sha256, size, opts in rows:
+                if present is not None and not present(sha256):
+                    continue
                 conn.execute(
                     _UPSERT_OBJECT, (sha256, size, opts.get("blake3"), opts.get("md5"), now, now)
                 )
@@ -413,13 +423,20 @@ class Index:
     # -- links -------------------------------------------------------------
 
     def record_link(
-        self, path: str, device: int, inode: int, sha256: str, method: str, size: int
+        self, path: str, device: int, inode: int, sha256: str, method: str, object_path: str
     ) -> None:
-        """Record a materialized destination of an object the caller has just seen
-        on disk (``size``), writing the object's row too if it has none (a
-        batch's row still queued, gc, a lost index), in one transaction."""
+        """Record a materialized destination of the object at ``object_path``, writing
+        the object's row too if it has none (a batch's row still queued, a lost
+        index), in one transaction.
+
+        Raises:
+            FileNotFoundError: the object is gone.  It is looked at inside the
+                transaction, as ``record_objects``'s ``present`` is, so gc
+                (unlink, then drop the row) can never leave a row behind it.
+        """
         now = time.time()
         with self._write() as conn:
+            size = os.stat(object_path).st_size
             conn.execute(
                 "INSERT INTO objects (sha256, size, created, last_used) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (sha256) DO NOTHING",

@@ -478,6 +478,7 @@ class Store:
         *,
         concurrency: int = 8,
         link: str | LinkMode = LinkMode.AUTO,
+        processes: int | None = None,
     ) -> list[Path]:
         """``get`` each request, at most ``concurrency`` at a time (fewer where that
         is no slower: throttle.py); paths (or dests) in request order.
@@ -490,7 +491,9 @@ class Store:
             BatchError: after every item was tried, if any failed; ``results``
                 holds a Path or a CasError per request.
         """
-        outcomes = self.ensure_many(requests, concurrency=concurrency, link=link)
+        outcomes = self.ensure_many(
+            requests, concurrency=concurrency, link=link, processes=processes
+        )
         results = [o if isinstance(o, CasError) else (o.dest or o.path) for o in outcomes]
         failed = [r for r in results if isinstance(r, CasError)]
         if failed:
@@ -507,6 +510,7 @@ class Store:
         concurrency: int = 8,
         link: str | LinkMode = LinkMode.AUTO,
         on_done: Callable[[int, Artifact | CasError], None] | None = None,
+        processes: int | None = None,
     ) -> list[Artifact | CasError]:
         """``ensure`` each request; an Artifact or the CasError per request, in order.
 
@@ -517,7 +521,8 @@ class Store:
         group's other requests from the same sources too, without asking the
         origin again; other errors (a bad ``dest``) stay with their item.
         ``on_done(i, outcome)`` is called from worker threads as each item
-        finishes.
+        finishes; index rows are written in groups after that, and an item
+        whose row could not be written becomes a CasError in the results.
 
         Up to ``concurrency`` workers download at once; while the process is
         CPU-bound (small files from a fast origin) fewer run, as long as that
@@ -527,6 +532,12 @@ class Store:
         tries an artifact's lock; a group whose lock another process holds is
         put off until this batch holds no locks, then waits for it as ``get``
         does, so two batches over overlapping lists never wait on each other.
+
+        ``processes``: None starts a helper process (spread.py) for a batch of
+        at least ``spread.SPREAD_MIN`` items with a digest on a machine with
+        more than one CPU, unless ``CASSTORE_PROCESSES`` says otherwise; 1
+        never, 2 or more always (one helper).  It fetches from the list's end, one item
+        at a time, out of ``concurrency``; the results are this call's alone.
 
         Raises:
             InvalidInput: a malformed request, before anything is downloaded.
@@ -587,18 +598,43 @@ class Store:
                 for future in futures:
                     future.result()
 
-        if reqs:
+        if not reqs:
+            return []
+        from . import spread
+
+        firsts = [reqs[g[0]] for g in groups.values() if reqs[g[0]].sha256 is not None]
+        helper = None
+        if concurrency > 1 and spread.wanted(len(firsts), processes):
+            # It takes the list from its end, one download at a time, out of the ceiling.
+            helper = spread.start(str(self.root), self._download_options, firsts[::-1])
+            if helper is not None:
+                concurrency -= 1
+        try:
             committer = GroupCommit(self.layout, self.index)
             try:
                 run([(g, {}) for g in groups.values()], committer)
             finally:
                 committer.close()
-            for i, outcome in enumerate(results):
-                if isinstance(outcome, Artifact) and outcome.sha256 in committer.unindexed:
-                    reason = committer.unindexed[outcome.sha256]
-                    results[i] = CasError(f"could not index {outcome.sha256}: {reason}")
+            for sha, row, reason in committer.unindexed:
+                # The item that downloaded it: its name and source are the row's.
+                owner = next(
+                    (
+                        i
+                        for i in range(len(reqs))
+                        if isinstance(results[i], Artifact)
+                        and results[i].sha256 == sha  # type: ignore[union-attr]
+                        and redact(reqs[i].url) == row.get("source")
+                        and reqs[i].name == row.get("name")
+                    ),
+                    None,
+                )
+                if owner is not None:
+                    results[owner] = CasError(f"could not index {sha}: {reason}")
             if put_off:  # every lock of this batch is released by now
                 run(put_off, None)
+        finally:
+            if helper is not None:
+                helper.finish()
         return results  # type: ignore[return-value]
 
     # -- put -----------------------------------------------------------------
@@ -716,10 +752,9 @@ class Store:
         if method == "copy" and mode == LinkMode.AUTO and first_copy_warning(dest.parent):
             log.warning("hardlinks impossible from the store to %s; copied instead", dest.parent)
         st = dest.lstat()
-        # The object may have no row (a batch's row still queued, gc, a lost index):
-        # the link's transaction writes one if the object is still here.
-        size = obj.stat().st_size  # FileNotFoundError: evicted, the caller refetches
-        self.index.record_link(str(dest), st.st_dev, st.st_ino, sha, method, size)
+        # The object may have no row (a batch's row still queued, a lost index): the
+        # link's transaction writes one.  FileNotFoundError: evicted, the caller refetches.
+        self.index.record_link(str(dest), st.st_dev, st.st_ino, sha, method, str(obj))
         if method == "symlink":
             obj.stat()  # a symlink to an object evicted meanwhile would dangle
         return LinkResult(sha256=sha, dest=dest, method=method)

@@ -268,6 +268,30 @@ def test_cookies_follow_redirects_as_httpx_has_them(
     assert_store_consistent(store_dir)
 
 
+@BOTH
+def test_a_cookie_set_early_in_a_chain_goes_back_to_its_host(
+    store_dir, origin, second_origin, monkeypatch, direct
+):
+    """127.0.0.1 sets a cookie, sends us to localhost, which sends us back."""
+    monkeypatch.setenv("CASSTORE_DIRECT", direct)
+    end = origin.add("/end", DATA, require_headers={"Cookie": "grant=yes"})
+    mid = second_origin.add("/mid", redirect_to=end).replace("127.0.0.1", "localhost")
+    start = origin.add("/start", redirect_to=mid, headers={"Set-Cookie": "grant=yes"})
+    with Store(store_dir) as s:
+        assert s.get(start, sha256=sha(DATA)).read_bytes() == DATA
+    assert origin.requests("/end")[-1].status == 200
+
+
+def test_which_cookies_could_go_with_a_later_hop():
+    from casstore.direct import _applies
+
+    assert _applies("k=v", "example.com", "example.com")
+    assert _applies("k=v", "example.com", "www.example.com")  # as http.cookiejar sends it
+    assert _applies("k=v; Path=/; Domain=.example.com", "a.example.com", "b.example.com")
+    assert not _applies("k=v", "example.com", "example.org")
+    assert not _applies("k=v; Domain=a.example.com", "a.example.com", "b.example.com")
+
+
 def test_authorization_stays_on_an_upgrade_to_https_of_the_same_host():
     from casstore.direct import _is_https_upgrade, _origin
 

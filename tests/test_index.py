@@ -92,3 +92,19 @@ def test_record_use_is_coarsened_to_one_second(store_dir):
     for _ in range(50):
         index.record_use(digest, 1)
     assert index.conn.total_changes - before <= 1
+
+
+def test_a_link_to_an_object_gone_records_nothing(tmp_path):
+    """record_link looks at the object inside its transaction: gc unlinks first."""
+    layout = Layout(tmp_path / "s")
+    layout.ensure()
+    index = Index(layout)
+    digest = "ab" * 32
+    with pytest.raises(FileNotFoundError):
+        index.record_link(str(tmp_path / "dest"), 1, 2, digest, "copy", str(tmp_path / "gone"))
+    assert index.get_object(digest) is None
+    obj = tmp_path / "obj"
+    obj.write_bytes(b"x" * 5)
+    index.record_link(str(tmp_path / "dest"), 1, 2, digest, "copy", str(obj))
+    assert index.get_object(digest)["size"] == 5
+    assert [link["path"] for link in index.links_of(digest)] == [str(tmp_path / "dest")]
