@@ -25,6 +25,7 @@ same way, since the pipe closes.
 
 The single-flight locks are what make this safe, as between any two
 processes sharing a store: one download per digest, whoever comes first.
+A store has at most one helper per spare core at a time (``_free_slot``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from .layout import Layout
 from .models import Request
 
 # Below this many items with a digest a helper's start-up (~0.1-0.2 s of CPU,
@@ -63,11 +65,14 @@ def wanted(items: int, processes: int | None) -> bool:
 
 
 class Helper:
-    """One helper process fetching ``requests`` (in that order) into the store at ``root``."""
+    """One helper process fetching ``requests`` (in that order) into the store at
+    ``layout``'s root; it holds the helper slot ``slot`` (a locked fd) until it exits."""
 
-    def __init__(self, root: str, options: dict[str, Any], requests: Sequence[Request]) -> None:
+    def __init__(
+        self, layout: Layout, options: dict[str, Any], requests: Sequence[Request], slot: int
+    ) -> None:
         job = {
-            "root": root,
+            "root": str(layout.root),
             # Retries are the batch's to make; headers may hold secrets: the pipe, not argv.
             "options": {**options, "retries": 0},
             "requests": [replace(r, name=None, dest=None) for r in requests],
@@ -81,6 +86,7 @@ class Helper:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=env,
+            pass_fds=(slot,),  # the slot's flock lives as long as the helper
         )
         try:
             assert self.proc.stdin is not None
@@ -105,12 +111,46 @@ class Helper:
             self.proc.wait()
 
 
-def start(root: str, options: dict[str, Any], requests: Sequence[Request]) -> Helper | None:
-    """A helper for ``requests``, or None if it cannot be started (the batch goes alone)."""
+def start(layout: Layout, options: dict[str, Any], requests: Sequence[Request]) -> Helper | None:
+    """A helper for ``requests``, or None if no slot is free or it cannot be
+    started (the batch goes alone)."""
+    slot = _free_slot(layout)
+    if slot is None:
+        return None
     try:
-        return Helper(root, options, requests)
+        return Helper(layout, options, requests, slot)
     except (OSError, ValueError, TypeError, AttributeError, pickle.PicklingError):
         return None
+    finally:
+        os.close(slot)  # the helper's copy holds the lock now, or nobody's does
+
+
+def _free_slot(layout: Layout) -> int | None:
+    """An fd holding one of the store's ``cpu_count - 1`` helper slots, or None.
+
+    Helpers only pay with a core to spare: several batches at once (parallel
+    installers sharing a store) would each start one and leave the cores
+    oversubscribed, so a store has at most one helper per spare core at a
+    time.  A slot is a lock file that nobody waits for: taken or skipped.
+    """
+    import fcntl
+
+    layout.ensure()
+    for k in range(max(1, (os.cpu_count() or 1) - 1)):
+        path = layout.lock_path(f"spread-{k}")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st, now = os.fstat(fd), os.stat(path)
+            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):  # gc unlinks unheld locks
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+    return None
 
 
 def main() -> None:

@@ -606,7 +606,7 @@ class Store:
         helper = None
         if concurrency > 1 and spread.wanted(len(firsts), processes):
             # It takes the list from its end, one download at a time, out of the ceiling.
-            helper = spread.start(str(self.root), self._download_options, firsts[::-1])
+            helper = spread.start(self.layout, self._download_options, firsts[::-1])
             if helper is not None:
                 concurrency -= 1
         try:

@@ -149,3 +149,35 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc")
+def test_no_helper_when_the_stores_slots_are_taken(store, store_dir, origin):
+    """One helper per spare core per store: parallel batches do not oversubscribe."""
+    import fcntl
+
+    store.layout.ensure()
+    slots = []
+    for k in range(max(1, (os.cpu_count() or 1) - 1)):  # another batch's helpers
+        fd = os.open(store.layout.lock_path(f"spread-{k}"), os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        slots.append(fd)
+    items = _items(origin, 4)
+    origin.routes["/f0"].gate_after = 0
+    results: list = []
+    batch = threading.Thread(
+        target=lambda: results.extend(
+            store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
+        )
+    )
+    batch.start()
+    try:
+        assert origin.routes["/f0"].sent_event.wait(60)
+        assert _helpers() == []
+    finally:
+        origin.routes["/f0"].gate.set()
+        batch.join(60)
+        for fd in slots:
+            os.close(fd)
+    assert [Path(p).read_bytes() for p in results] == [d for _, d in items]
+    assert_store_consistent(store_dir)
