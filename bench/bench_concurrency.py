@@ -7,9 +7,8 @@
    ``pooch.retrieve`` in a loop and ``curl -K`` (one process, keep-alive), in
    files/s (target >= 1,500 files/s and >= 3x pooch), with each one's CPU
    time per file (its process and children, the origin's not counted);
-   ``get_many`` also in one process (``processes=1``: no helper, see
-   casstore/spread.py) and with its throttle held at eight workers, to show
-   what casstore/throttle.py gains.  Nothing is deleted until the end (see
+   ``get_many`` also with its throttle held at eight workers, to show what
+   casstore/throttle.py gains.  Nothing is deleted until the end (see
    ``create_cost``), and the cost of creating a file is printed before and after.
    Last, 4 processes ``get_many`` the same list at once into one store: each
    file once from the origin, wall time until all are done.
@@ -236,7 +235,7 @@ def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "pyth
             f"  {cpu / n * 1e3:6.2f} ms CPU/file (client)"
         )
 
-    def get_many(items, *, fixed: bool = False, processes: int | None = None) -> float:
+    def get_many(items, *, fixed: bool = False) -> float:
         from casstore import Store
         from casstore.throttle import Throttle
 
@@ -244,9 +243,9 @@ def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "pyth
         if fixed:  # its throttle held at the ceiling: eight workers throughout
             Throttle.decide = lambda self, *measured: None  # type: ignore[method-assign]
         try:
-            store = Store(workdir / f"gm-{fixed}-{processes}")
+            store = Store(workdir / ("gm8" if fixed else "gm"))
             t0 = time.perf_counter()
-            store.get_many(items, concurrency=8, processes=processes)
+            store.get_many(items, concurrency=8)
             elapsed = time.perf_counter() - t0
             store.close()
         finally:
@@ -322,8 +321,7 @@ def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "pyth
         return elapsed
 
     run("Store.get_many (8 threads)", get_many)
-    run("  the same, one process", lambda items: get_many(items, processes=1))
-    run("  one process, 8 fixed workers", lambda items: get_many(items, fixed=True, processes=1))
+    run("  the same, 8 fixed workers", lambda items: get_many(items, fixed=True))
     run("casstore fetch -j 8", cli_fetch)
     run("pooch.retrieve loop", pooch_loop)
     if shutil.which("curl"):

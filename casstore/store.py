@@ -478,7 +478,6 @@ class Store:
         *,
         concurrency: int = 8,
         link: str | LinkMode = LinkMode.AUTO,
-        processes: int | None = None,
     ) -> list[Path]:
         """``get`` each request, at most ``concurrency`` at a time (fewer where that
         is no slower: throttle.py); paths (or dests) in request order.
@@ -491,9 +490,7 @@ class Store:
             BatchError: after every item was tried, if any failed; ``results``
                 holds a Path or a CasError per request.
         """
-        outcomes = self.ensure_many(
-            requests, concurrency=concurrency, link=link, processes=processes
-        )
+        outcomes = self.ensure_many(requests, concurrency=concurrency, link=link)
         results = [o if isinstance(o, CasError) else (o.dest or o.path) for o in outcomes]
         failed = [r for r in results if isinstance(r, CasError)]
         if failed:
@@ -510,7 +507,6 @@ class Store:
         concurrency: int = 8,
         link: str | LinkMode = LinkMode.AUTO,
         on_done: Callable[[int, Artifact | CasError], None] | None = None,
-        processes: int | None = None,
     ) -> list[Artifact | CasError]:
         """``ensure`` each request; an Artifact or the CasError per request, in order.
 
@@ -532,12 +528,6 @@ class Store:
         tries an artifact's lock; a group whose lock another process holds is
         put off until this batch holds no locks, then waits for it as ``get``
         does, so two batches over overlapping lists never wait on each other.
-
-        ``processes``: None starts a helper process (spread.py) for a batch of
-        at least ``spread.SPREAD_MIN`` items with a digest on a machine with
-        more than one CPU, unless ``CASSTORE_PROCESSES`` says otherwise; 1
-        never, 2 or more always (one helper).  It fetches from the list's end, one item
-        at a time, out of ``concurrency``; the results are this call's alone.
 
         Raises:
             InvalidInput: a malformed request, before anything is downloaded.
@@ -598,18 +588,7 @@ class Store:
                 for future in futures:
                     future.result()
 
-        if not reqs:
-            return []
-        from . import spread
-
-        firsts = [reqs[g[0]] for g in groups.values() if reqs[g[0]].sha256 is not None]
-        helper = None
-        if concurrency > 1 and spread.wanted(len(firsts), processes):
-            # It takes the list from its end, one download at a time, out of the ceiling.
-            helper = spread.start(self.layout, self._download_options, firsts[::-1])
-            if helper is not None:
-                concurrency -= 1
-        try:
+        if reqs:
             committer = GroupCommit(self.layout, self.index)
             try:
                 run([(g, {}) for g in groups.values()], committer)
@@ -632,9 +611,6 @@ class Store:
                     results[owner] = CasError(f"could not index {sha}: {reason}")
             if put_off:  # every lock of this batch is released by now
                 run(put_off, None)
-        finally:
-            if helper is not None:
-                helper.finish()
         return results  # type: ignore[return-value]
 
     # -- put -----------------------------------------------------------------
