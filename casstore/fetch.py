@@ -917,7 +917,8 @@ def _recv_body(
 ) -> None:
     """``remaining`` bytes through ``read_into`` (a socket's ``recv_into``, a
     response's ``readinto``) into ``sink``'s buffers; returns early at EOF
-    (``_finish`` then resumes).  What arrived before an error is kept."""
+    (``_finish`` then resumes).  What earlier calls returned is kept through an
+    error (``recv_into`` returns each read; ``readinto`` may lose its last)."""
     progress = t.progress
     while remaining > 0:
         buf = sink.buffer()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from casstore import BatchError, DownloadError, HashMismatch, Request, Store
+from casstore import BatchError, CasError, DownloadError, HashMismatch, Request, Store
 from casstore.ingest import parse_temp_name
 
 from .conftest import HeldLock, assert_store_consistent, blob, sha
@@ -264,4 +264,29 @@ def test_a_queued_row_is_written_when_no_other_round_comes(store, store_dir):
         time.sleep(0.01)
     assert store.index.get_object(digest) is not None
     committer.close()
+    assert_store_consistent(store_dir)
+
+
+def test_an_item_whose_row_cannot_be_written_fails_alone(store, store_dir, origin):
+    """The database refuses one object's row (a trigger, as a full disk or a broken
+    index would): that item is an error, the others are fetched and indexed."""
+    import sqlite3
+
+    items = _small(origin, 6)
+    refused = items[3][1]
+    store.layout.ensure()
+    store.index.conn  # noqa: B018 - create the schema
+    db = sqlite3.connect(store_dir / "index.db")
+    db.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON objects "
+        f"WHEN NEW.sha256 = '{refused}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    db.commit()
+    db.close()
+    results = store.ensure_many(items, concurrency=1)
+    assert isinstance(results[3], CasError) and "refused" in str(results[3])
+    for i, (url, digest) in enumerate(items):
+        if i != 3:
+            assert results[i].sha256 == digest
+            assert store.index.lookup_source(url) == digest
     assert_store_consistent(store_dir)
