@@ -136,8 +136,10 @@ class GroupCommit:
     def flush(self) -> None:
         """Write every queued row now, in a round of its own."""
         marker = self._enter(_Pending(None, "", {}, False))
-        if marker.error is not None:  # the round itself failed, not a row: say so
+        if isinstance(marker.error, Exception):  # the round itself failed, not a row: say so
             log.warning("could not index this batch's last objects: %s", marker.error)
+        elif marker.error is not None:
+            raise marker.error  # Ctrl-C and the like
 
     def close(self) -> None:
         """Write every queued row and stop the timer; call once the workers are done."""

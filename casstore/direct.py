@@ -183,7 +183,9 @@ class Pool:
                     drop.add("authorization")
             headers = {k: v for k, v in headers.items() if k.lower() not in drop}
             if not self.takes(target):
-                raise Handover(target, headers)
+                # With cookies gathered, httpx takes the whole chain: they may be
+                # needed further on (a login host, then back to the data's).
+                raise Handover(first, asked) if cookies else Handover(target, headers)
             url = target
         if response.status in REDIRECTS and location:
             raise TooManyRedirects(url)

@@ -31,6 +31,7 @@ import fcntl
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,9 @@ def collect(
             continue
 
     dangling = [s for s in rows if s not in on_disk and not layout.object_path(s).exists()]
-    report.rows_dropped = len(dangling) if dry_run else index.forget_objects(dangling)
+    report.rows_dropped = (
+        len(dangling) if dry_run else index.forget_objects(dangling, present=_present(layout))
+    )
 
     roots = {s for s, r in rows.items() if r["pinned"]}
     dead_links = []
@@ -159,12 +162,16 @@ def collect(
         report.objects_evicted += 1
         report.bytes_freed += c.size
         report.evicted.append(c.sha256)
-    # Rows go after the files, and only for objects still absent: a writer
-    # may have published the same content again in between.
-    index.forget_objects([s for s in gone if not layout.object_path(s).exists()])
+    # Rows go after the files, and only for objects still absent, looked at inside
+    # the transaction: a writer may have published the same content again.
+    index.forget_objects(gone, present=_present(layout))
     report.objects_kept = len(on_disk) - report.objects_evicted
     report.bytes_kept = total - report.bytes_freed
     return report
+
+
+def _present(layout: Layout) -> Callable[[str], bool]:
+    return lambda sha256: layout.object_path(sha256).exists()
 
 
 def _still_evictable(c: _Candidate, index: Index, *, in_use: float) -> bool:

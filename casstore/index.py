@@ -235,7 +235,7 @@ class Index:
         for migration in migrations:
             if migration.id <= current:
                 continue
-            with self._write(conn):
+            with self._write(conn, raw=True):
                 conn.execute(
                     "CREATE TABLE IF NOT EXISTS casstore_migrations "
                     "(id INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
@@ -253,18 +253,32 @@ class Index:
     # -- transactions ------------------------------------------------------
 
     @contextlib.contextmanager
-    def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+    def _write(
+        self, conn: sqlite3.Connection | None = None, *, raw: bool = False
+    ) -> Iterator[sqlite3.Connection]:
+        """A write transaction.  SQLite's errors (a full disk, a lock held past the
+        busy timeout, a refused row) leave as a CasError naming the index, so that a
+        batch fails the one item and the command line prints one line; ``raw``
+        keeps them as they are (migrations: opening tells a broken file by them)."""
         conn = conn or self.conn
-        # The busy timeout covers the wait for the write lock; a few busy states
-        # (a WAL being recovered or reset by another process) answer at once,
-        # so those are retried here rather than shown as "database is locked".
-        _retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            # The busy timeout covers the wait for the write lock; a few busy states
+            # (a WAL being recovered or reset by another process) answer at once,
+            # so those are retried here rather than shown as "database is locked".
+            _retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may leave it open
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if raw:
+                raise
+            raise CasError(
+                f"cannot write the index {self.path}: {exc}", path=str(self.path)
+            ) from exc
 
     # -- objects -----------------------------------------------------------
 
@@ -518,30 +532,48 @@ class Index:
         rows = self.conn.execute("SELECT path, device, inode, sha256, method FROM links")
         return [dict(r) for r in rows]
 
-    def forget_objects(self, sha256s: list[str]) -> int:
-        """Drop many object rows (and by cascade their names, sources, links) at once."""
-        return self._delete_many("DELETE FROM objects WHERE sha256 = ?", sha256s)
+    def forget_objects(
+        self, sha256s: list[str], *, present: Callable[[str], bool] | None = None
+    ) -> int:
+        """Drop many object rows (and by cascade their names, sources, links) at once.
+
+        ``present(sha256)``, if given, is asked inside each transaction and a row
+        whose object it finds is kept: a writer may have published the object
+        again, and committed its row, since the caller looked.
+        """
+        return self._delete_many("DELETE FROM objects WHERE sha256 = ?", sha256s, keep=present)
 
     def forget_links(self, paths: list[str]) -> int:
         return self._delete_many("DELETE FROM links WHERE path = ?", paths)
 
-    def _delete_many(self, sql: str, keys: list[str]) -> int:
+    def _delete_many(
+        self, sql: str, keys: list[str], *, keep: Callable[[str], bool] | None = None
+    ) -> int:
         done = 0
         for start in range(0, len(keys), 500):  # short transactions: writers keep going
             with self._write() as conn:
                 for key in keys[start : start + 500]:
-                    done += conn.execute(sql, (key,)).rowcount
+                    if keep is None or not keep(key):
+                        done += conn.execute(sql, (key,)).rowcount
         return done
 
-    def index_objects(self, rows: list[tuple[str, int, str | None, float]]) -> int:
+    def index_objects(
+        self,
+        rows: list[tuple[str, int, str | None, float]],
+        *,
+        present: Callable[[str], bool] | None = None,
+    ) -> int:
         """Add rows for objects found on disk: (sha256, size, blake3, time of last use).
 
-        An object that gained a row meanwhile keeps it.
+        An object that gained a row meanwhile keeps it; with ``present``, one gone
+        meanwhile (asked inside the transaction, as ``record_objects`` does) gets none.
         """
         added = 0
         for start in range(0, len(rows), 500):
             with self._write() as conn:
                 for sha256, size, blake3, when in rows[start : start + 500]:
+                    if present is not None and not present(sha256):
+                        continue
                     added += conn.execute(
                         "INSERT INTO objects (sha256, size, blake3, created, last_used) "
                         "VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",

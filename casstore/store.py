@@ -594,20 +594,13 @@ class Store:
                 run([(g, {}) for g in groups.values()], committer)
             finally:
                 committer.close()
-            for sha, row, reason in committer.unindexed:
-                # The item that downloaded it: its name and source are the row's.
-                owner = next(
-                    (
-                        i
-                        for i in range(len(reqs))
-                        if isinstance(results[i], Artifact)
-                        and results[i].sha256 == sha  # type: ignore[union-attr]
-                        and redact(reqs[i].url) == row.get("source")
-                        and reqs[i].name == row.get("name")
-                    ),
-                    None,
-                )
-                if owner is not None:
+            if committer.unindexed:
+                index_of: dict[int, int] = {}
+                for i, req in enumerate(reqs):
+                    index_of.setdefault(id(req), i)
+                for sha, row, reason in committer.unindexed:
+                    # The item that downloaded it, whatever its group's others did.
+                    owner = index_of[id(row["request"])]
                     results[owner] = CasError(f"could not index {sha}: {reason}")
             if put_off:  # every lock of this batch is released by now
                 run(put_off, None)
@@ -666,8 +659,10 @@ class Store:
             raise NotFound(f"no object matches ref {ref!r} (no store at {self.root})", ref=ref)
         sha = resolve(ref, self.layout, self.index)
         if not self.layout.object_path(sha).exists():
-            if self.index.get_object(sha) is not None:
-                self.index.forget_object(sha)  # the row pointed at nothing: heal it
+            if self.index.get_object(sha) is not None:  # the row pointed at nothing: heal it
+                self.index.forget_objects(
+                    [sha], present=lambda s: self.layout.object_path(s).exists()
+                )
             raise NotFound(f"no object matches ref {ref!r}", ref=ref)
         return sha
 
@@ -936,6 +931,7 @@ def _row(req: Request, ingest: Any, final_url: str) -> dict[str, Any]:
     source = redact(req.url)
     final = redact(final_url)
     return {
+        "request": req,  # not a column: which item to fail if the row cannot be written
         "blake3": ingest.hasher.blake3,
         "md5": ingest.hasher.md5,
         "name": req.name,

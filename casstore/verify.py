@@ -130,9 +130,13 @@ def run(
         s for s in rows if s not in on_disk and not layout.object_path(s).exists()
     )
     if repair:
-        report.reindexed = index.index_objects(reindex)
-        # Re-check each: a writer may have published the object meanwhile.
-        index.forget_objects([s for s in report.dangling if not layout.object_path(s).exists()])
+        # Each looked at again inside the transaction: gc may have evicted an
+        # orphan during the scan, a writer may have published a missing one.
+        def present(sha256: str) -> bool:
+            return layout.object_path(sha256).exists()
+
+        report.reindexed = index.index_objects(reindex, present=present)
+        index.forget_objects(report.dangling, present=present)
         report.broken_index = [str(p) for p in index.broken_copies()] if report.reindexed else []
     return report
 

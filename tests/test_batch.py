@@ -267,13 +267,24 @@ def test_a_queued_row_is_written_when_no_other_round_comes(store, store_dir):
     assert_store_consistent(store_dir)
 
 
-def test_an_item_whose_row_cannot_be_written_fails_alone(store, store_dir, origin):
+@pytest.mark.parametrize("way", ["queued", "at once", "with a dest"])
+def test_an_item_whose_row_cannot_be_written_fails_alone(store, store_dir, origin, tmp_path, way):
     """The database refuses one object's row (a trigger, as a full disk or a broken
-    index would): that item is an error, the others are fetched and indexed."""
+    index would): that item is an error, the others are fetched and indexed.  The
+    row goes in a group after delivery (queued), in its round (an item trusted on
+    first use: its waiters need it), or with its link."""
     import sqlite3
 
     items = _small(origin, 6)
     refused = items[3][1]
+    requests = [Request(url, sha256=digest) for url, digest in items]
+    if way == "at once":
+        requests[3] = Request(items[3][0])
+    elif way == "with a dest":
+        requests = [
+            Request(url, sha256=digest, dest=str(tmp_path / "out" / str(i)))
+            for i, (url, digest) in enumerate(items)
+        ]
     store.layout.ensure()
     store.index.conn  # noqa: B018 - create the schema
     db = sqlite3.connect(store_dir / "index.db")
@@ -283,7 +294,7 @@ def test_an_item_whose_row_cannot_be_written_fails_alone(store, store_dir, origi
     )
     db.commit()
     db.close()
-    results = store.ensure_many(items, concurrency=1)
+    results = store.ensure_many(requests, concurrency=1)
     assert isinstance(results[3], CasError) and "refused" in str(results[3])
     for i, (url, digest) in enumerate(items):
         if i != 3:

@@ -282,6 +282,21 @@ def test_a_cookie_set_early_in_a_chain_goes_back_to_its_host(
     assert origin.requests("/end")[-1].status == 200
 
 
+@BOTH
+def test_cookies_survive_a_hop_only_httpx_takes(
+    store_dir, origin, second_origin, monkeypatch, direct
+):
+    """127.0.0.1 sets a cookie and sends us, with credentials in the URL, to localhost,
+    which sends us back: httpx takes the chain from its start, cookie and all."""
+    monkeypatch.setenv("CASSTORE_DIRECT", direct)
+    end = origin.add("/end", DATA, require_headers={"Cookie": "grant=yes"})
+    mid = second_origin.add("/mid", redirect_to=end).replace("127.0.0.1", "u:p@localhost")
+    start = origin.add("/start", redirect_to=mid, headers={"Set-Cookie": "grant=yes"})
+    with Store(store_dir) as s:
+        assert s.get(start, sha256=sha(DATA)).read_bytes() == DATA
+    assert origin.requests("/end")[-1].status == 200
+
+
 def test_which_cookies_could_go_with_a_later_hop():
     from casstore.direct import _applies
 

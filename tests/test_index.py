@@ -108,3 +108,20 @@ def test_a_link_to_an_object_gone_records_nothing(tmp_path):
     index.record_link(str(tmp_path / "dest"), 1, 2, digest, "copy", str(obj))
     assert index.get_object(digest)["size"] == 5
     assert [link["path"] for link in index.links_of(digest)] == [str(tmp_path / "dest")]
+
+
+def test_rows_are_dropped_or_added_only_as_the_disk_says_inside_the_transaction(tmp_path):
+    """gc, verify --repair and a healing resolve look at each object inside the write
+    transaction: a writer may have published it, or gc evicted it, since they looked."""
+    layout = Layout(tmp_path / "s")
+    layout.ensure()
+    index = Index(layout)
+    back, gone = "ab" * 32, "cd" * 32
+    for digest in (back, gone):
+        index.record_object(digest, 1)
+    on_disk = {back}
+    assert index.forget_objects([back, gone], present=on_disk.__contains__) == 1
+    assert index.get_object(back) is not None and index.get_object(gone) is None
+    rows = [(gone, 1, None, 0.0), ("ef" * 32, 1, None, 0.0)]
+    assert index.index_objects(rows, present={"ef" * 32}.__contains__) == 1
+    assert index.get_object(gone) is None
