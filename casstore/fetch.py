@@ -410,7 +410,7 @@ class _Transfer:
     last_modified: str | None = None
     final_url: str = ""
     resumable: bool = True
-    direct: bool = False  # large bodies may be read from the socket (see download)
+    verified: bool = False  # a digest checks the bytes: httpx's path may use the socket
 
     def __post_init__(self) -> None:
         self.shown = redact(self.url)
@@ -770,7 +770,7 @@ def download(
         return _download_file(url, sink, progress)
     import tenacity
 
-    t = _Transfer(url, size, policy or Policy.from_env(), progress, direct=verified)
+    t = _Transfer(url, size, policy or Policy.from_env(), progress, verified=verified)
     pool = session.pool if session.pool is not None and session.pool.takes(url) else None
     sink = _Pipeline(sink, t.shown)
     try:
@@ -891,7 +891,7 @@ def _body_socket(r: httpx.Response, t: _Transfer, sink: _Pipeline) -> Any:
     where httpcore decrypts through a memory BIO and the socket carries the
     outer layer.
     """
-    if not t.direct or r.http_version != "HTTP/1.1" or "transfer-encoding" in r.headers:
+    if not t.verified or r.http_version != "HTTP/1.1" or "transfer-encoding" in r.headers:
         return None
     if r.headers.get("content-encoding", "identity").strip().lower() != "identity":
         return None

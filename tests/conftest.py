@@ -146,6 +146,18 @@ def import_probe(entry: str, watched: tuple[str, ...]) -> str:
     )
 
 
+def run_probed(
+    entry: str, watched: tuple[str, ...], *args: str, **kwargs
+) -> subprocess.CompletedProcess:
+    """Run ``import_probe(entry, watched)`` with the command line ``args``; output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", import_probe(entry, watched), *args],
+        capture_output=True,
+        timeout=30,
+        **kwargs,
+    )
+
+
 class HeldLock:
     """A thread holding the single-flight lock for ``key`` (as another process
     downloading that artifact would) from entry until ``let_go``."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import assert_store_consistent, blob, import_probe, sha
+from .conftest import assert_store_consistent, blob, run_probed, sha
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -218,14 +218,7 @@ def test_hit_and_miss_print_the_same_path_however_the_store_is_spelled(
         timeout=30,
     )
     # The hit must be served by the fast path (hit.py), which spells the root itself.
-    probe = import_probe("casstore.__main__", ("click",))
-    hit = subprocess.run(
-        [sys.executable, "-c", probe, *args],
-        cwd=tmp_path,
-        env=full_env,
-        capture_output=True,
-        timeout=30,
-    )
+    hit = run_probed("casstore.__main__", ("click",), *args, cwd=tmp_path, env=full_env)
     assert miss.returncode == 0 and hit.returncode == 0, (miss.stderr, hit.stderr)
     assert hit.stdout == miss.stdout
     assert b"LOADED []" in hit.stderr and b"IMPORTED" not in hit.stderr, hit.stderr

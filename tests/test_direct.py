@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 
 from casstore import Store
 from casstore.errors import DownloadError, HashMismatch, InvalidInput, SizeMismatch
 
-from .conftest import assert_store_consistent, blob, import_probe, sha
+from .conftest import assert_store_consistent, blob, run_probed, sha
 from .origin import Origin
 from .raw import Raw
 
@@ -126,20 +124,7 @@ def test_what_goes_on_the_wire_is_the_same_either_way(store_dir, origin, monkeyp
 def test_a_cold_get_of_a_plain_url_never_imports_httpx(tmp_path, origin):
     url = origin.add("/cold", DATA)
     env = {**os.environ, "CASSTORE_DIR": str(tmp_path / "s")}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            import_probe("casstore.__main__", ("httpx",)),
-            "get",
-            url,
-            "--sha256",
-            sha(DATA),
-        ],
-        env=env,
-        capture_output=True,
-        timeout=30,
-    )
+    r = run_probed("casstore.__main__", ("httpx",), "get", url, "--sha256", sha(DATA), env=env)
     assert r.returncode == 0, r.stderr
     assert "IMPORTED httpx" not in r.stderr.decode()
     assert origin.count("/cold") == 1
@@ -269,28 +254,16 @@ def test_cookies_follow_redirects_as_httpx_has_them(
 
 
 @BOTH
+@pytest.mark.parametrize("middle", ["localhost", "u:p@localhost"], ids=["direct", "to-httpx"])
 def test_a_cookie_set_early_in_a_chain_goes_back_to_its_host(
-    store_dir, origin, second_origin, monkeypatch, direct
+    store_dir, origin, second_origin, monkeypatch, direct, middle
 ):
-    """127.0.0.1 sets a cookie, sends us to localhost, which sends us back."""
+    """127.0.0.1 sets a cookie and sends us to localhost, which sends us back.  With
+    credentials in the middle URL (a hop only httpx takes), httpx takes the chain
+    from its start, cookie and all."""
     monkeypatch.setenv("CASSTORE_DIRECT", direct)
     end = origin.add("/end", DATA, require_headers={"Cookie": "grant=yes"})
-    mid = second_origin.add("/mid", redirect_to=end).replace("127.0.0.1", "localhost")
-    start = origin.add("/start", redirect_to=mid, headers={"Set-Cookie": "grant=yes"})
-    with Store(store_dir) as s:
-        assert s.get(start, sha256=sha(DATA)).read_bytes() == DATA
-    assert origin.requests("/end")[-1].status == 200
-
-
-@BOTH
-def test_cookies_survive_a_hop_only_httpx_takes(
-    store_dir, origin, second_origin, monkeypatch, direct
-):
-    """127.0.0.1 sets a cookie and sends us, with credentials in the URL, to localhost,
-    which sends us back: httpx takes the chain from its start, cookie and all."""
-    monkeypatch.setenv("CASSTORE_DIRECT", direct)
-    end = origin.add("/end", DATA, require_headers={"Cookie": "grant=yes"})
-    mid = second_origin.add("/mid", redirect_to=end).replace("127.0.0.1", "u:p@localhost")
+    mid = second_origin.add("/mid", redirect_to=end).replace("127.0.0.1", middle)
     start = origin.add("/start", redirect_to=mid, headers={"Set-Cookie": "grant=yes"})
     with Store(store_dir) as s:
         assert s.get(start, sha256=sha(DATA)).read_bytes() == DATA
@@ -404,3 +377,14 @@ def test_a_netrc_that_is_not_text_is_ignored(store_dir, origin, tmp_path, monkey
     url = origin.add("/x", DATA)
     with Store(store_dir) as s:
         assert s.get(url, sha256=sha(DATA)).read_bytes() == DATA
+
+
+@pytest.mark.parametrize(
+    ("value", "on"), [("0", False), ("off", False), ("No", False), ("1", True)]
+)
+def test_casstore_direct_turns_the_direct_path_off(monkeypatch, value, on):
+    from casstore.fetch import Session
+
+    monkeypatch.setenv("CASSTORE_DIRECT", value)
+    with Session() as session:
+        assert (session.pool is not None) is on

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import blob, import_probe, sha
+from .conftest import blob, import_probe, run_probed, sha
 
 PACKAGE = Path(__file__).resolve().parent.parent / "casstore"
 HEAVY = ("httpx", "blake3", "sqlite_utils", "tenacity", "rich", "yaml")
@@ -76,20 +76,7 @@ def test_cli_cache_hit_imports_no_heavy_module(tmp_path, origin, entry, also_abs
         timeout=30,
     )
     assert prime.returncode == 0, prime.stderr
-    hit = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            import_probe(entry, HEAVY + also_absent),
-            "get",
-            url,
-            "--sha256",
-            sha(data),
-        ],
-        env=env,
-        capture_output=True,
-        timeout=30,
-    )
+    hit = run_probed(entry, HEAVY + also_absent, "get", url, "--sha256", sha(data), env=env)
     assert hit.returncode == 0, hit.stderr
     assert hit.stdout.decode().strip().endswith(sha(data))
     assert "LOADED []" in hit.stderr.decode(), hit.stderr.decode()
