@@ -217,7 +217,6 @@ def publish(
     fsync the object's directory (``fsync_dir``) before indexing the object.
     """
     obj = layout.object_path(sha256)
-    obj.parent.mkdir(parents=True, exist_ok=True)
     created = False
     try:
         for _ in range(3):
@@ -225,6 +224,13 @@ def publish(
                 os.link(temp, obj)
                 created = True
                 break
+            except FileNotFoundError:
+                if not os.path.exists(temp):
+                    raise  # the temp is gone: not ours to hide
+                # The first object of its ab/cd/ (made here rather than before
+                # every link: that was a syscall per object), or another
+                # writer's, made since: link again.
+                _make_object_dir(obj.parent)
             except FileExistsError:
                 existing = _size_or_none(obj)
                 if existing == size:
@@ -261,6 +267,17 @@ def quarantine(layout: Layout, obj: Path) -> Path | None:
         return None
     fsync_dir(obj.parent)
     return target
+
+
+def _make_object_dir(directory: Path) -> None:
+    """Create ``sha256/ab/cd/``, each new level made durable in its parent: an
+    object is durable only once every directory on its path is."""
+    for level in (directory.parent, directory):
+        try:
+            os.mkdir(level)
+        except FileExistsError:
+            continue
+        fsync_dir(level.parent)
 
 
 def fsync_dir(path: Path) -> None:

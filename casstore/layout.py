@@ -92,9 +92,17 @@ class Layout:
         self.quarantine = self.root / QUARANTINE
         self.index = self.root / INDEX
         self._ready = False
+        # A get asks for its object's path several times (look, lock, publish,
+        # deliver); pathlib's join is the cost, so recent ones are kept.
+        self._paths: dict[str, Path] = {}
 
     def object_path(self, sha256: str) -> Path:
-        return self.root / object_name(sha256)
+        path = self._paths.get(sha256)
+        if path is None:
+            if len(self._paths) >= 1024:
+                self._paths.clear()
+            path = self._paths[sha256] = self.root / object_name(sha256)
+        return path
 
     def lock_path(self, key: str) -> Path:
         return self.root / lock_name(key)

@@ -388,3 +388,35 @@ def test_casstore_direct_turns_the_direct_path_off(monkeypatch, value, on):
     monkeypatch.setenv("CASSTORE_DIRECT", value)
     with Session() as session:
         assert (session.pool is not None) is on
+
+
+@BOTH
+def test_header_blocks_are_read_as_httpx_reads_them(store_dir, raw, monkeypatch, direct):
+    monkeypatch.setenv("CASSTORE_DIRECT", direct)
+    body = b"folded"
+
+    def answer(head: str) -> bytes | tuple[bytes, object]:
+        if head.startswith("GET /folded "):  # a folded line and a name in odd case: fine
+            return b"HTTP/1.1 200 OK\r\nX-Note: one\r\n  two\r\ncontent-LENGTH: 6\r\n\r\n" + body
+        # A line that is no field: h11 refuses the answer (the email package would
+        # have ended the block there and taken the rest for the body).
+        return b"HTTP/1.1 200 OK\r\nno colon here\r\nContent-Length: 5\r\n\r\nother", Raw.CLOSE
+
+    server = raw(answer)
+    with Store(store_dir, retries=1) as s:
+        assert s.get(f"{server.base}/folded", sha256=sha(body)).read_bytes() == body
+        with pytest.raises(DownloadError, match="/bad failed after 2 attempt"):
+            s.get(f"{server.base}/bad", sha256=sha(b"other"))
+    assert sum(head.startswith("GET /bad ") for _, head in server.seen) == 2
+    assert len(_objects(store_dir)) == 1 and os.listdir(store_dir / "tmp") == []
+
+
+def test_header_fields_are_looked_up_as_http_client_has_them():
+    from casstore.direct import Fields
+
+    fields = Fields([("Set-Cookie", "a=1"), ("ETag", '"x"'), ("set-cookie", "b=2")])
+    assert fields.get("etag") == '"x"' and fields.get("ETAG") == '"x"'
+    assert fields.get("SET-COOKIE") == "a=1"  # the first, as HTTPMessage.get
+    assert fields.get_all("Set-Cookie") == ["a=1", "b=2"]
+    assert fields.get("location") is None and fields.get_all("location") is None
+    assert "Etag" in fields and "location" not in fields
