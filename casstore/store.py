@@ -53,6 +53,7 @@ from .urls import check_url, redact
 
 if TYPE_CHECKING:
     from .batch import GroupCommit
+    from .spread import Share
 
 log = logging.getLogger("casstore")
 PathLike = str | os.PathLike[str]
@@ -207,6 +208,17 @@ class Store:
                 _warn_trusted(req, sha)
             return self._deliver(sha, req, mode)
 
+    def _delivered(
+        self, req: Request, mode: LinkMode, committer: GroupCommit | None
+    ) -> Artifact | None:
+        """``_ensure`` of a request a helper process has just fetched and indexed
+        (spread.py), without looking it up again; as ``_ensure`` if it is gone."""
+        assert req.sha256 is not None
+        try:
+            return self._deliver(req.sha256, req, mode)
+        except FileNotFoundError:  # gc evicted it meanwhile
+            return self._ensure_retrying(req, mode, committer)
+
     def _deliver(self, sha: str, req: Request, mode: LinkMode) -> Artifact:
         """The Artifact for an object in the store, materialized at ``req.dest`` if given."""
         path = self.layout.object_path(sha)
@@ -357,6 +369,51 @@ class Store:
         (created on first use)."""
         return self._downloads().client
 
+    def _share(
+        self,
+        reqs: list[Request],
+        groups: list[list[int]],
+        concurrency: int,
+        processes: int | None,
+        throttle: Any,
+    ) -> Any:
+        """A helper process (spread.Share) for a batch's missing items, or None."""
+        from . import spread
+
+        if concurrency < 2 or not spread.wanted(len(groups), processes):
+            return None
+        pool = self._downloads().pool
+        if pool is None:
+            return None
+        trusting = {req.url for req in reqs if req.sha256 is None}
+        items = [
+            (g[0], req)
+            for g in groups
+            if (req := reqs[g[0]]).sha256 is not None
+            and req.md5 is None
+            and not req.mirrors
+            and req.url not in trusting
+            and pool.takes(req.url)
+            and not self.layout.object_path(req.sha256).exists()
+        ]
+        if not spread.wanted(len(items), processes):
+            return None
+        policy = self._policy()
+        options = dict(retries=0, timeout=policy.timeout, backoff_max=policy.backoff_max)
+        options["headers"] = policy.headers
+        ceiling = throttle.ceiling
+        share = spread.Share(
+            self.layout,
+            options,
+            items,
+            on_ready=lambda: throttle.set_ceiling(ceiling - 1),
+            on_gone=lambda: throttle.set_ceiling(ceiling),
+        )
+        if share.proc is None:
+            return None
+        log.debug("a helper process (pid %d) may take %d items", share.proc.pid, len(items))
+        return share
+
     def _downloads(self) -> Any:
         """The downloads' shared ``fetch.Session`` (made on first use)."""
         with self._session_lock:
@@ -478,6 +535,7 @@ class Store:
         *,
         concurrency: int = 8,
         link: str | LinkMode = LinkMode.AUTO,
+        processes: int | None = None,
     ) -> list[Path]:
         """``get`` each request, at most ``concurrency`` at a time (fewer where that
         is no slower: throttle.py); paths (or dests) in request order.
@@ -490,7 +548,9 @@ class Store:
             BatchError: after every item was tried, if any failed; ``results``
                 holds a Path or a CasError per request.
         """
-        outcomes = self.ensure_many(requests, concurrency=concurrency, link=link)
+        outcomes = self.ensure_many(
+            requests, concurrency=concurrency, link=link, processes=processes
+        )
         results = [o if isinstance(o, CasError) else (o.dest or o.path) for o in outcomes]
         failed = [r for r in results if isinstance(r, CasError)]
         if failed:
@@ -507,6 +567,7 @@ class Store:
         concurrency: int = 8,
         link: str | LinkMode = LinkMode.AUTO,
         on_done: Callable[[int, Artifact | CasError], None] | None = None,
+        processes: int | None = None,
     ) -> list[Artifact | CasError]:
         """``ensure`` each request; an Artifact or the CasError per request, in order.
 
@@ -529,6 +590,13 @@ class Store:
         put off until this batch holds no locks, then waits for it as ``get``
         does, so two batches over overlapping lists never wait on each other.
 
+        A large batch of missing items may share them with a helper process
+        (spread.py), which fetches from the far end while the workers go from
+        the front, and counts as one of the ``concurrency``: automatic with
+        ``processes`` None (``CASSTORE_PROCESSES``, else a spare core and at
+        least 256 such items), never with 1 (say 1 where a test patches this
+        process: a helper runs unpatched).
+
         Raises:
             InvalidInput: a malformed request, before anything is downloaded.
         """
@@ -548,13 +616,23 @@ class Store:
         put_off_lock = threading.Lock()
 
         def run_group(
-            indices: list[int], failed: Failed, committer: GroupCommit | None, throttle: Throttle
+            indices: list[int],
+            failed: Failed,
+            committer: GroupCommit | None,
+            throttle: Throttle,
+            share: Share | None,
         ) -> None:
+            # A group handed to the helper: once it is done with it.
+            fetched = share is not None and share.take(indices[0])
             with throttle.slot() as slot:
-                serve_group(indices, failed, committer, slot)
+                serve_group(indices, failed, committer, slot, fetched)
 
         def serve_group(
-            indices: list[int], failed: Failed, committer: GroupCommit | None, slot: Slot
+            indices: list[int],
+            failed: Failed,
+            committer: GroupCommit | None,
+            slot: Slot,
+            fetched: bool = False,
         ) -> None:
             for n, i in enumerate(indices):
                 req = reqs[i]
@@ -564,7 +642,10 @@ class Store:
                     outcome = failed[sources]
                 else:
                     try:
-                        outcome = self._ensure_retrying(req, mode, committer)
+                        if n == 0 and fetched:  # by the helper, with this request's name
+                            outcome = self._delivered(req, mode, committer)
+                        else:
+                            outcome = self._ensure_retrying(req, mode, committer)
                     except (DownloadError, IntegrityFailure) as exc:
                         outcome = failed[sources] = exc  # the source's fault: shared
                     except CasError as exc:
@@ -580,18 +661,33 @@ class Store:
                 if on_done is not None:
                     on_done(i, outcome)
 
-        def run(jobs: list[tuple[list[int], Failed]], committer: GroupCommit | None) -> None:
+        def run(
+            jobs: list[tuple[list[int], Failed]],
+            committer: GroupCommit | None,
+            spread: bool = False,
+        ) -> None:
             workers = max(1, min(concurrency, len(jobs)))
             throttle = Throttle(workers)
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casstore") as pool:
-                futures = [pool.submit(run_group, g, f, committer, throttle) for g, f in jobs]
-                for future in futures:
-                    future.result()
+            share = (
+                self._share(reqs, [g for g, _ in jobs], concurrency, processes, throttle)
+                if spread
+                else None
+            )
+            try:
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casstore") as pool:
+                    futures = [
+                        pool.submit(run_group, g, f, committer, throttle, share) for g, f in jobs
+                    ]
+                    for future in futures:
+                        future.result()
+            finally:
+                if share is not None:
+                    share.close()
 
         if reqs:
             committer = GroupCommit(self.layout, self.index)
             try:
-                run([(g, {}) for g in groups.values()], committer)
+                run([(g, {}) for g in groups.values()], committer, spread=True)
             finally:
                 committer.close()
             if committer.unindexed:

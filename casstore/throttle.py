@@ -82,6 +82,15 @@ class Throttle:
         self._pause = FIRST_PAUSE
         self._wait = 0
 
+    def set_ceiling(self, ceiling: int) -> None:
+        """Change the most slots (a helper process took one of them, or gave it
+        back); a trial under way ends."""
+        with self._cond:
+            self.ceiling = max(1, ceiling)
+            self._trial_from = None
+            self.limit = min(self.limit, self.ceiling)
+            self._cond.notify_all()
+
     @contextmanager
     def slot(self) -> Iterator[Slot]:
         """Hold one of the ``limit`` slots while the block runs."""

@@ -1,0 +1,264 @@
+"""A batch shared with a helper process (spread.py): real processes, a real origin
+counting requests, real SIGKILLs.  The batch's two workers are held at the
+origin on the list's first two items, so whatever else is fetched meanwhile
+was fetched by the helper."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from casstore import Request
+from casstore.spread import SPREAD_MIN, wanted
+
+from .conftest import assert_store_consistent, blob, sha
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc"),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _helpers(pid: int | str = "self") -> list[int]:
+    """The running helper processes among ``pid``'s children."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            try:
+                if b"casstore.spread" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(child)
+            except OSError:
+                pass
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _until(condition, what: str, timeout: float = 60) -> None:
+    """Wait for ``condition`` (polled: it is another process's doing)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def _items(origin, n: int, **route) -> list[tuple[str, bytes]]:
+    items = []
+    for i in range(n):
+        data = blob(3000 + i, seed=700 + i)
+        items.append((origin.add(f"/f{i}", data, **route), data))
+    return items
+
+
+class Held:
+    """The batch's workers held at the origin on ``paths`` until the block ends."""
+
+    def __init__(self, origin, *paths: str) -> None:
+        self.routes = [origin.routes[p] for p in paths]
+        for route in self.routes:
+            route.gate_after = 0
+
+    def __enter__(self) -> Held:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for route in self.routes:
+            route.gate.set()
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list]:
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    return thread, out
+
+
+def test_a_helper_fetches_from_the_far_end_while_the_batch_is_held(
+    store_dir, origin, tmp_path, caplog
+):
+    from casstore import Store
+
+    caplog.set_level(logging.DEBUG, logger="casstore")
+    # The Store's headers (a token) reach the helper: without them it gets 403s.
+    items = _items(origin, 12, require_headers={"Authorization": "Bearer t0ken"})
+    requests = [
+        Request(url, sha256=sha(data), name=f"n{i}", dest=str(tmp_path / "out" / f"f{i}"))
+        for i, (url, data) in enumerate(items)
+    ]
+    with Store(store_dir, headers={"Authorization": "Bearer t0ken"}) as store:
+        with Held(origin, "/f0", "/f1"):
+            batch, out = _in_thread(lambda: store.get_many(requests, concurrency=2, processes=2))
+            _until(lambda: all(origin.count(f"/f{i}") == 1 for i in range(2, 12)), "the helper")
+        batch.join(60)
+        (results,) = out
+        assert [Path(p).read_bytes() for p in results] == [data for _, data in items]
+        assert results == [tmp_path / "out" / f"f{i}" for i in range(12)]
+        assert all(origin.count(f"/f{i}") == 1 for i in range(12))
+        assert all(r.status == 200 for r in origin.requests())
+        assert [store.resolve(f"n{i}") for i in range(12)] == [sha(d) for _, d in items]
+    assert "a helper process" in caplog.text
+    assert _helpers() == []  # finished and reaped
+    assert_store_consistent(store_dir)
+
+
+def test_what_a_helper_is_not_handed(store, store_dir, origin):
+    """Items with mirrors or an md5, or whose URL a digest-less item also asks
+    for, stay the batch's (their sources, warnings and records are its own)."""
+    items = _items(origin, 8)
+    mirror = origin.add("/mirror", items[5][1])
+    url = [u for u, _ in items]
+    digest = [sha(d) for _, d in items]
+    requests = [
+        Request(url[0], sha256=digest[0]),
+        Request(url[1], sha256=digest[1]),
+        Request(url[2], sha256=digest[2]),  # handed out last: the helper does it
+        Request(url[3], sha256=digest[3]),  # the same URL unverified, below
+        Request(url[4], sha256=digest[4], md5=hashlib.md5(items[4][1]).hexdigest()),
+        Request(url[5], sha256=digest[5], mirrors=(mirror,)),
+        Request(url[6], sha256=digest[6]),
+        Request(url[3]),
+    ]
+    with Held(origin, "/f0", "/f1"):
+        batch, out = _in_thread(lambda: store.get_many(requests, concurrency=2, processes=2))
+        _until(lambda: origin.count("/f2") == 1, "the helper's last item")
+        assert [origin.count(f"/f{i}") for i in (3, 4, 5, 6)] == [0, 0, 0, 1]
+    batch.join(60)
+    assert [Path(p).read_bytes() for p in out[0]] == [items[i][1] for i in range(7)] + [items[3][1]]
+    # (/f3 may be fetched twice, as without a helper: the unverified item may
+    # look before the verified one's row is written.)
+    assert all(origin.count(f"/f{i}") == 1 for i in (0, 1, 2, 4, 5, 6))
+    assert origin.count("/mirror") == 0
+    assert_store_consistent(store_dir)
+
+
+def test_an_item_the_helper_failed_is_fetched_by_the_batch_with_its_retries(
+    store, store_dir, origin, monkeypatch
+):
+    monkeypatch.setenv("CASSTORE_BACKOFF_MAX", "0.01")
+    items = _items(origin, 6)
+    origin.routes["/f5"].fail_first = [503, 503]  # the helper's first item
+    with Held(origin, "/f0", "/f1"):
+        batch, out = _in_thread(
+            lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
+        )
+        _until(lambda: all(origin.count(f"/f{i}") == 1 for i in (2, 3, 4)), "the helper")
+        assert origin.count("/f5") == 1
+    batch.join(60)
+    assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
+    # The helper tried once; the batch, on its own connection, as often as it takes.
+    seen = origin.requests("/f5")
+    assert [r.status for r in seen] == [503, 503, 200]
+    assert seen[0].port != seen[1].port == seen[2].port
+    assert_store_consistent(store_dir)
+
+
+def test_a_helper_killed_midway_costs_the_batch_nothing_but_its_item(store, store_dir, origin):
+    items = _items(origin, 8)
+    last = origin.routes["/f7"]  # the helper's first item
+    last.gate_after = 1000
+    try:
+        with Held(origin, "/f0", "/f1"):
+            batch, out = _in_thread(
+                lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
+            )
+            assert last.sent_event.wait(60)
+            (helper,) = _helpers()
+            os.kill(helper, signal.SIGKILL)
+            _until(lambda: _gone(helper), "the helper to die")
+    finally:
+        last.gate.set()
+    batch.join(60)
+    assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
+    assert origin.count("/f7") == 2  # the helper's, cut off, and the batch's own
+    assert all(origin.count(f"/f{i}") == 1 for i in range(7))
+    assert_store_consistent(store_dir, allow_temps=True)  # the killed helper's, gc's to sweep
+
+
+def test_a_helper_stops_when_its_batch_is_killed(store_dir, origin):
+    items = _items(origin, 40)
+    origin.routes["/f39"].gate_after = 1000  # the helper's first item
+    code = (
+        "import json, sys\n"
+        "from casstore import Store\n"
+        "items = json.loads(sys.argv[2])\n"
+        "Store(sys.argv[1]).get_many([tuple(i) for i in items], concurrency=2, processes=2)\n"
+    )
+    listing = json.dumps([(u, sha(d)) for u, d in items])
+    with Held(origin, "/f0", "/f1"):
+        batch = subprocess.Popen([sys.executable, "-c", code, str(store_dir), listing], cwd=ROOT)
+        try:
+            assert origin.routes["/f39"].sent_event.wait(60)
+            (helper,) = _helpers(batch.pid)
+            batch.kill()
+            batch.wait(30)
+        finally:
+            origin.routes["/f39"].gate.set()
+            if batch.poll() is None:
+                batch.kill()
+                batch.wait()
+        # Its input closed with the batch: it ends the items in hand and stops.
+        _until(lambda: _gone(helper), "the helper to exit")
+    assert origin.count("/f39") == 1 and sum(origin.count(f"/f{i}") for i in range(40)) < 10
+    assert_store_consistent(store_dir, allow_temps=True)  # the killed batch's, gc's to sweep
+
+
+def test_no_helper_when_the_stores_slots_are_taken_or_nothing_is_missing(
+    store, store_dir, origin, caplog
+):
+    import fcntl
+
+    caplog.set_level(logging.DEBUG, logger="casstore")
+    items = _items(origin, 4)
+    pairs = [(u, sha(d)) for u, d in items]
+    store.get_many(pairs[:2], processes=1)
+    store.get_many(pairs[:2], concurrency=2, processes=2)  # all hits: nothing to hand out
+    assert "a helper process" not in caplog.text
+    store.layout.ensure()
+    slots = []
+    for k in range(max(1, len(os.sched_getaffinity(0)) - 1)):  # another batch's helpers
+        fd = os.open(store.layout.lock_path(f"spread-{k}"), os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        slots.append(fd)
+    try:
+        assert store.get_many(pairs, concurrency=2, processes=2)
+    finally:
+        for fd in slots:
+            os.close(fd)
+    assert "a helper process" not in caplog.text
+    assert all(origin.count(f"/f{i}") == 1 for i in range(4))
+    assert_store_consistent(store_dir)
+
+
+def test_when_a_batch_wants_a_helper(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    assert wanted(SPREAD_MIN, None) == (cores > 1)
+    assert not wanted(SPREAD_MIN - 1, None)
+    assert not wanted(10_000, 1) and wanted(1, 2) and not wanted(0, 2)
+    monkeypatch.setenv("CASSTORE_PROCESSES", "1")
+    assert not wanted(10_000, None)
+    monkeypatch.setenv("CASSTORE_PROCESSES", "2")
+    assert wanted(1, None)
+    monkeypatch.setattr(sys, "frozen", True, raising=False)  # no interpreter to start
+    assert not wanted(10_000, 2)
