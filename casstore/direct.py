@@ -37,7 +37,7 @@ import select
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -218,6 +218,14 @@ class Pool:
 
     def takes(self, url: str) -> bool:
         """True if a GET of ``url`` can go here rather than through httpx."""
+        return self._takes(url, {})
+
+    def takes_all(self, urls: Iterable[str]) -> list[bool]:
+        """``takes`` for each of ``urls``, looking at ``~/.netrc`` once per host."""
+        netrc: dict[str, bool] = {}
+        return [self._takes(url, netrc) for url in urls]
+
+    def _takes(self, url: str, netrc: dict[str, bool]) -> bool:
         if self.proxied or not _PLAIN_URL.fullmatch(url):
             return False
         try:
@@ -227,7 +235,11 @@ class Pool:
             return False
         if _DOT_SEGMENT.search(parts.path) or (not parts.query and "?" in url):
             return False
-        return bool(host) and parts.username is None and not self._has_netrc_entry(host)
+        if not host or parts.username is not None:
+            return False
+        if host not in netrc:
+            netrc[host] = self._has_netrc_entry(host)
+        return not netrc[host]
 
     @contextmanager
     def get(self, url: str, headers: dict[str, str], timeout: float) -> Iterator[Response]:

@@ -104,6 +104,10 @@ class Layout:
             path = self._paths[sha256] = self.root / object_name(sha256)
         return path
 
+    def has_object(self, sha256: str) -> bool:
+        """Whether the object is on disk (a stat, without pathlib: for many at once)."""
+        return os.path.exists(f"{self.root}/{object_name(sha256)}")
+
     def lock_path(self, key: str) -> Path:
         return self.root / lock_name(key)
 

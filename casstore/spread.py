@@ -31,7 +31,6 @@ its input ends: when the batch has nothing more for it, or died.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import subprocess
@@ -78,7 +77,11 @@ def wanted(items: int, processes: int | None) -> bool:
 class Share:
     """The items of a batch a helper may take: ``items`` (a group id and its
     first request, in batch order).  Workers call ``take(group)`` before
-    serving a group; ``close()`` once the batch is done."""
+    serving a group; ``close()`` once the batch is done.
+
+    The helper gets the items in its job; after that a hand-out is a line
+    ``lo hi`` (positions in ``items``) and a report a line ``lo hi`` followed
+    by the positions it could not fetch."""
 
     def __init__(
         self,
@@ -89,11 +92,12 @@ class Share:
         on_ready: Callable[[], None] = lambda: None,
         on_gone: Callable[[], None] = lambda: None,
     ) -> None:
-        self._free = list(items)  # not yet handed out; the helper takes from the end
-        self._eligible = {g for g, _ in items}
-        self._taken: set[int] = set()  # the batch's own, now
-        self._handed: dict[int, threading.Event] = {}  # set once reported
-        self._outstanding = 0  # handed out, not yet reported
+        self._groups = [g for g, _ in items]
+        self._position = {g: i for i, g in enumerate(self._groups)}
+        self._free = len(items)  # positions below this are not handed out yet
+        self._taken: set[int] = set()  # positions the batch has begun: its own
+        self._handed: dict[int, threading.Event] = {}  # by position; set once reported
+        self._ranges = 0  # handed out, not yet reported
         self._fetched: set[int] = set()
         self._lock = threading.Lock()
         self._on_ready, self._on_gone = on_ready, on_gone
@@ -108,6 +112,7 @@ class Share:
                 "path": [package_parent, *sys.path],
                 "root": str(layout.root),
                 "options": options,  # headers may hold secrets: the pipe, not argv
+                "items": [(r.url, r.sha256, r.size, r.name) for _, r in items],
             }
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-c", _BOOT],
@@ -129,15 +134,16 @@ class Share:
         does not have it (and from now on never will), else when the helper
         has reported it, is gone, or ``PATIENCE`` ran out.  True if the
         helper put the group's object in the store and indexed it."""
-        if group not in self._eligible:
+        at = self._position.get(group)
+        if at is None:
             return False
         with self._lock:
-            event = self._handed.get(group)
+            event = self._handed.get(at)
             if event is None:
-                self._taken.add(group)
+                self._taken.add(at)
                 return False
         event.wait(PATIENCE)
-        return group in self._fetched
+        return at in self._fetched
 
     def close(self) -> None:
         """End the helper's input and wait for it (by now it holds nothing the
@@ -146,7 +152,7 @@ class Share:
         if proc is None:
             return
         with self._lock:
-            self._free = []
+            self._free = 0
         _close(proc.stdin)
         try:
             proc.wait(5)
@@ -169,24 +175,24 @@ class Share:
             self._on_ready()
             self._hand_out()
             last = time.monotonic()
-            for line in proc.stdout:  # a line per batch it ran: [[group, fetched], ...]
-                done = json.loads(line)
+            for line in proc.stdout:  # "lo hi failed...": a report per batch it ran
+                lo, hi, *failed = map(int, line.split())
                 now = time.monotonic()
-                took, last = (now - last) / max(1, len(done)), now
+                took, last = (now - last) / max(1, hi - lo), now
                 self._per_item = took if self._per_item is None else (self._per_item + took) / 2
                 with self._lock:
-                    events = [self._handed[group] for group, _ in done]
-                    self._outstanding -= len(done)
-                    self._fetched.update(group for group, fetched in done if fetched)
+                    events = [self._handed[at] for at in range(lo, hi)]
+                    self._ranges -= 1
+                    self._fetched.update(set(range(lo, hi)).difference(failed))
                 for event in events:
                     event.set()
                 self._hand_out()
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError):
             pass  # a broken or garbled pipe: the helper is as good as gone
         finally:
             with self._lock:
-                self._free = []
-                self._outstanding = 0
+                self._free = 0
+                self._ranges = 0
                 left = list(self._handed.values())
             for event in left:
                 event.set()
@@ -202,31 +208,38 @@ class Share:
         per_item = self._per_item
         window = 2 if per_item is None else round(WINDOW_SECONDS / max(per_item, 1e-6))
         window = max(2, min(WINDOW_MAX, window))
-        lines = []
+        ranges = []
         with self._lock:
-            while self._free and self._outstanding < window:
-                group, req = self._free.pop()
-                if group in self._taken:  # the batch has come this far: the rest is its
-                    self._free = []
-                    break
-                self._handed[group] = threading.Event()
-                self._outstanding += 1
-                lines.append(json.dumps([group, req.url, req.sha256, req.size, req.name]))
-            finished = not self._free and not self._outstanding
-        if lines:
-            proc.stdin.write("".join(f"{line}\n" for line in lines).encode())
+            # Two ranges out: the one it works on and the next, so that it
+            # never waits for this thread (which waits for the GIL) between them.
+            while self._free and self._ranges < 2:
+                hi = lo = self._free
+                while lo > 0 and hi - lo < window:
+                    if lo - 1 in self._taken:  # the batch has come this far: the rest is its
+                        self._free = 0
+                        break
+                    lo -= 1
+                    self._handed[lo] = threading.Event()
+                else:
+                    self._free = lo
+                if lo < hi:
+                    ranges.append(b"%d %d\n" % (lo, hi))
+                    self._ranges += 1
+            finished = not self._free and not self._ranges
+        if ranges:
+            proc.stdin.write(b"".join(ranges))
             proc.stdin.flush()
         if finished:
             _close(proc.stdin)
 
 
 def serve(job: dict[str, Any]) -> None:
-    """The helper: fetch what it was handed, as one batch of all that has come
-    (its rows written when the batch ends), then write each item's group id
-    and whether it is in the store, as one line."""
+    """The helper: fetch each range handed to it, far end first, as one batch
+    (its rows are written when the batch ends), then report it."""
     from .models import Artifact
     from .store import Store
 
+    items = job["items"]
     out, buffered = sys.stdout.buffer, b""
     with Store(job["root"], **job["options"]) as store:
         out.write(b"ready\n")
@@ -234,15 +247,21 @@ def serve(job: dict[str, Any]) -> None:
         # Ends when the batch has nothing more, or died.
         while data := sys.stdin.buffer.read1(1 << 16):
             *lines, buffered = (buffered + data).split(b"\n")
-            items = [json.loads(line) for line in lines]
-            if not items:
-                continue
-            requests = [Request(url=u, sha256=s, size=z, name=n) for _, u, s, z, n in items]
-            outcomes = store.ensure_many(requests, concurrency=1, processes=1)
-            fetched = [isinstance(o, Artifact) for o in outcomes]
-            done = [[item[0], ok] for item, ok in zip(items, fetched, strict=True)]
-            out.write(json.dumps(done).encode() + b"\n")
-            out.flush()
+            for line in lines:
+                lo, hi = map(int, line.split())
+                positions = range(hi - 1, lo - 1, -1)
+                requests = [
+                    Request(url=u, sha256=s, size=z, name=n)
+                    for u, s, z, n in (items[at] for at in positions)
+                ]
+                outcomes = store.ensure_many(requests, concurrency=1, processes=1)
+                failed = [
+                    b"%d" % at
+                    for at, o in zip(positions, outcomes, strict=True)
+                    if not isinstance(o, Artifact)
+                ]
+                out.write(b" ".join([b"%d %d" % (lo, hi), *failed]) + b"\n")
+                out.flush()
 
 
 def _close(stream: Any) -> None:

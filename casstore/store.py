@@ -386,15 +386,19 @@ class Store:
         if pool is None:
             return None
         trusting = {req.url for req in reqs if req.sha256 is None}
-        items = [
+        firsts = [
             (g[0], req)
             for g in groups
             if (req := reqs[g[0]]).sha256 is not None
             and req.md5 is None
             and not req.mirrors
             and req.url not in trusting
-            and pool.takes(req.url)
-            and not self.layout.object_path(req.sha256).exists()
+        ]
+        plain = pool.takes_all(req.url for _, req in firsts)
+        items = [
+            (g, req)
+            for (g, req), ok in zip(firsts, plain, strict=True)
+            if ok and not self.layout.has_object(req.sha256)  # type: ignore[arg-type]
         ]
         if not spread.wanted(len(items), processes):
             return None
