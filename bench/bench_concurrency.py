@@ -8,7 +8,8 @@
    files/s (target >= 1,500 files/s and >= 3x pooch), with each one's CPU
    time per file (its process and children, the origin's not counted);
    ``get_many`` also with its throttle held at eight workers, to show what
-   casstore/throttle.py gains.  Nothing is deleted until the end (see
+   casstore/throttle.py gains, and in one process (``processes=1``: no
+   helper), to show what casstore/spread.py gains.  Nothing is deleted until the end (see
    ``create_cost``), and the cost of creating a file is printed before and after.
    Last, 4 processes ``get_many`` the same list at once into one store: each
    file once from the origin, wall time until all are done.
@@ -235,7 +236,7 @@ def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "pyth
             f"  {cpu / n * 1e3:6.2f} ms CPU/file (client)"
         )
 
-    def get_many(items, *, fixed: bool = False) -> float:
+    def get_many(items, *, fixed: bool = False, processes: int | None = None) -> float:
         from casstore import Store
         from casstore.throttle import Throttle
 
@@ -243,9 +244,9 @@ def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "pyth
         if fixed:  # its throttle held at the ceiling: eight workers throughout
             Throttle.decide = lambda self, *measured: None  # type: ignore[method-assign]
         try:
-            store = Store(workdir / ("gm8" if fixed else "gm"))
+            store = Store(workdir / ("gm8" if fixed else f"gm{processes}"))
             t0 = time.perf_counter()
-            store.get_many(items, concurrency=8)
+            store.get_many(items, concurrency=8, processes=processes)
             elapsed = time.perf_counter() - t0
             store.close()
         finally:
@@ -322,6 +323,7 @@ def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "pyth
 
     run("Store.get_many (8 threads)", get_many)
     run("  the same, 8 fixed workers", lambda items: get_many(items, fixed=True))
+    run("  the same, one process", lambda items: get_many(items, processes=1))
     run("casstore fetch -j 8", cli_fetch)
     run("pooch.retrieve loop", pooch_loop)
     if shutil.which("curl"):

@@ -270,9 +270,10 @@ def quarantine(layout: Layout, obj: Path) -> Path | None:
 
 
 def _make_object_dir(directory: Path) -> None:
-    """Create ``sha256/ab/cd/``, each new level made durable in its parent: an
-    object is durable only once every directory on its path is."""
-    for level in (directory.parent, directory):
+    """Create ``sha256/ab/cd/`` (and ``sha256/``, should it be gone), each level
+    this call makes fsynced into its parent: an object is durable only once
+    every directory on its path is."""
+    for level in (directory.parent.parent, directory.parent, directory):
         try:
             os.mkdir(level)
         except FileExistsError:

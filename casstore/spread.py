@@ -7,12 +7,13 @@ store reach ~1.9x the files/s of one (the README).
 
 So ``Store.ensure_many`` may start one helper (``python -I``, the batch's
 ``sys.path``) and hand it items from the far end of the batch, a few at a
-time as it finishes them, while the batch's workers go from the front; they
-meet where they meet.  The helper only saves work.  It fetches an item into
-the store with ``Store.ensure``, which indexes it, and says so; the batch then
-serves that item itself, as a hit, so names, destinations, results, progress
-and exit codes are the batch's alone.  What the helper does not report,
-because it failed, was killed or never started, the batch does itself.
+time, while the batch's workers go from the front; they meet where they
+meet.  The helper only saves work.  It fetches an item with ``Store.ensure``
+(which indexes it) and says so; the batch then serves that item itself,
+without fetching it, so names, destinations, results, progress and exit
+codes are the batch's alone.  What the helper does not report, because it
+failed, was killed or never started, the batch does itself.  A worker that
+comes to an item the helper has been handed but not begun takes it back.
 
 What it is handed, so that nothing the batch says or records changes: the
 first item of a digest's group that is missing from the store, has a sha256
@@ -21,12 +22,17 @@ digest-less item of the batch asks for (a trust-on-first-use warning is the
 batch's to give).  It gets no destinations and no retries (a failure costs
 one try, then the batch tries with its own), and its messages go nowhere.
 
-It is handed about ``WINDOW_SECONDS`` of its own work at a time (measured as
-it goes, two items at first), so the batch's last workers wait little for it
-whether the files are small or large.  It runs one download at a time and
-counts as one of the batch's ``concurrency`` once it is ready.  A store has
-at most one helper per spare core at a time (``_free_slot``).  It stops when
-its input ends: when the batch has nothing more for it, or died.
+The batch runs one worker fewer while it has a helper, so that ``concurrency``
+downloads at most are under way.  A store has at most one helper per spare
+core at a time (``_free_slot``).  The helper stops when its input ends: when
+the batch is done with it, or died; the batch ends it once every item it was
+handed is reported or taken back.
+
+The pipe, after the job (pickled: the items, the store, the options):
+batch to helper ``h LO HI`` (hand out positions LO..HI-1, the highest first)
+and ``x I`` (give position I back if not begun); helper to batch ``ready``,
+``d I 1|0`` (done with I: in the store and indexed, or not) and ``c I``
+(given back, never begun).
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,11 +54,9 @@ from .models import Request
 # Below this many items to hand out, a helper's start-up (~0.1 s of CPU, on
 # the core the batch would use otherwise) costs more than it saves.
 SPREAD_MIN = 256
+# Items handed out ahead: about this much of the helper's work, at least two.
 WINDOW_SECONDS = 0.02
 WINDOW_MAX = 32
-# How long a worker waits for an item handed to a helper that is still alive
-# before fetching it itself (the item's lock then decides who does).
-PATIENCE = 120.0
 _BOOT = (
     "import pickle, sys\n"
     "job = pickle.load(sys.stdin.buffer)\n"
@@ -58,6 +64,7 @@ _BOOT = (
     "from casstore.spread import serve\n"
     "serve(job)\n"
 )
+_HANDED, _DONE, _BACK = "handed", "done", "back"
 
 
 def wanted(items: int, processes: int | None) -> bool:
@@ -74,14 +81,21 @@ def wanted(items: int, processes: int | None) -> bool:
     return processes > 1
 
 
+class _Item:
+    __slots__ = ("asked_back", "event", "fetched", "state")
+
+    def __init__(self) -> None:
+        self.state = _HANDED
+        self.fetched = False
+        self.event = threading.Event()
+        self.asked_back = False
+
+
 class Share:
     """The items of a batch a helper may take: ``items`` (a group id and its
     first request, in batch order).  Workers call ``take(group)`` before
-    serving a group; ``close()`` once the batch is done.
-
-    The helper gets the items in its job; after that a hand-out is a line
-    ``lo hi`` (positions in ``items``) and a report a line ``lo hi`` followed
-    by the positions it could not fetch."""
+    serving a group; ``close()`` once the batch is done.  ``proc`` is None if
+    no helper could be started."""
 
     def __init__(
         self,
@@ -89,19 +103,19 @@ class Share:
         options: dict[str, Any],
         items: Sequence[tuple[int, Request]],
         *,
-        on_ready: Callable[[], None] = lambda: None,
-        on_gone: Callable[[], None] = lambda: None,
+        patience: float,
     ) -> None:
-        self._groups = [g for g, _ in items]
-        self._position = {g: i for i, g in enumerate(self._groups)}
+        self._position = {g: i for i, (g, _) in enumerate(items)}
         self._free = len(items)  # positions below this are not handed out yet
         self._taken: set[int] = set()  # positions the batch has begun: its own
-        self._handed: dict[int, threading.Event] = {}  # by position; set once reported
-        self._ranges = 0  # handed out, not yet reported
-        self._fetched: set[int] = set()
+        self._items: dict[int, _Item] = {}  # by position: handed out
+        self._out = 0  # handed out and neither reported nor given back
         self._lock = threading.Lock()
-        self._on_ready, self._on_gone = on_ready, on_gone
+        self._write_lock = threading.Lock()
+        self._patience = patience
+        self._on_gone: list[Callable[[], None]] = []
         self._per_item: float | None = None
+        self._gone = False
         self.proc: subprocess.Popen[bytes] | None = None
         slot = _free_slot(layout)
         if slot is None:
@@ -126,149 +140,225 @@ class Share:
             return
         finally:
             os.close(slot)  # the helper's copy holds the lock now, or nobody's does
+        _shares.add(self)
         self._thread = threading.Thread(target=self._talk, name="casstore-spread", daemon=True)
         self._thread.start()
 
     def take(self, group: int) -> bool:
-        """Return once the batch may serve ``group``: at once if the helper
-        does not have it (and from now on never will), else when the helper
-        has reported it, is gone, or ``PATIENCE`` ran out.  True if the
-        helper put the group's object in the store and indexed it."""
+        """Return once the batch may serve ``group``: at once if the helper was
+        not handed it (and from now on never will be), or gives it back
+        unbegun; else once the helper has reported it, or is gone, or after
+        ``patience`` seconds (the item's lock then decides who fetches it, as
+        between any two processes).  True if the helper put the group's object
+        in the store and indexed it."""
         at = self._position.get(group)
         if at is None:
             return False
         with self._lock:
-            event = self._handed.get(at)
-            if event is None:
+            item = self._items.get(at)
+            if item is None:
                 self._taken.add(at)
                 return False
-        event.wait(PATIENCE)
-        return at in self._fetched
+            ask_back = item.state == _HANDED and not item.asked_back and not self._gone
+            item.asked_back = True
+        if ask_back:
+            self._write(b"x %d\n" % at)
+        item.event.wait(self._patience)
+        return item.fetched
+
+    def when_gone(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the helper is gone (now, if it is)."""
+        with self._lock:
+            if not self._gone:
+                self._on_gone.append(callback)
+                return
+        callback()
 
     def close(self) -> None:
-        """End the helper's input and wait for it (by now it holds nothing the
-        batch waits for); one that does not stop is killed (its temp is gc's)."""
+        """Stop the helper (by now it holds nothing the batch waits for, unless
+        ``patience`` ran out) and reap it."""
         proc = self.proc
         if proc is None:
             return
         with self._lock:
             self._free = 0
-        _close(proc.stdin)
+        # Not by closing its input: the talk thread may be writing to it.
+        proc.terminate()
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         self._thread.join()
-        _close(proc.stdout)
+        for stream in (proc.stdin, proc.stdout):
+            _close(stream)
+        _shares.discard(self)
+
+    def _write(self, data: bytes) -> None:
+        proc = self.proc
+        assert proc is not None and proc.stdin is not None
+        try:
+            with self._write_lock:
+                proc.stdin.write(data)
+                proc.stdin.flush()
+        except (OSError, ValueError):
+            pass  # the helper is gone: the talk thread sees its output end
 
     def _talk(self) -> None:
         proc = self.proc
-        assert proc is not None and proc.stdin is not None and proc.stdout is not None
-        ready = False
+        assert proc is not None and proc.stdout is not None
         try:
-            proc.stdin.write(pickle.dumps(self._job))
-            proc.stdin.flush()
+            self._write(pickle.dumps(self._job))
             if proc.stdout.readline() != b"ready\n":
                 return
-            ready = True
-            self._on_ready()
             self._hand_out()
             last = time.monotonic()
-            for line in proc.stdout:  # "lo hi failed...": a report per batch it ran
-                lo, hi, *failed = map(int, line.split())
-                now = time.monotonic()
-                took, last = (now - last) / max(1, hi - lo), now
-                self._per_item = took if self._per_item is None else (self._per_item + took) / 2
+            for line in proc.stdout:
+                kind, at, *rest = line.split()
                 with self._lock:
-                    events = [self._handed[at] for at in range(lo, hi)]
-                    self._ranges -= 1
-                    self._fetched.update(set(range(lo, hi)).difference(failed))
-                for event in events:
-                    event.set()
+                    item = self._items[int(at)]
+                    if item.state != _HANDED:
+                        raise ValueError(f"reported twice: {line!r}")
+                    item.state = _DONE if kind == b"d" else _BACK
+                    item.fetched = kind == b"d" and rest == [b"1"]
+                    self._out -= 1
+                if kind == b"d":
+                    now = time.monotonic()
+                    took, last = now - last, now
+                    per = self._per_item
+                    self._per_item = took if per is None else (per + took) / 2
+                item.event.set()
                 self._hand_out()
         except (OSError, ValueError, KeyError):
             pass  # a broken or garbled pipe: the helper is as good as gone
         finally:
             with self._lock:
+                self._gone = True
                 self._free = 0
-                self._ranges = 0
-                left = list(self._handed.values())
-            for event in left:
-                event.set()
-            _close(proc.stdin)
-            if ready:
-                self._on_gone()
+                left = [item for item in self._items.values() if item.state == _HANDED]
+                callbacks, self._on_gone = self._on_gone, []
+            for item in left:
+                item.event.set()
+            for callback in callbacks:
+                callback()
 
     def _hand_out(self) -> None:
         """Hand the helper what it lacks of its window, from the far end; end
         its input when there is nothing more and it has finished."""
-        proc = self.proc
-        assert proc is not None and proc.stdin is not None
-        per_item = self._per_item
-        window = 2 if per_item is None else round(WINDOW_SECONDS / max(per_item, 1e-6))
+        per = self._per_item
+        window = 2 if per is None else round(WINDOW_SECONDS / max(per, 1e-6))
         window = max(2, min(WINDOW_MAX, window))
-        ranges = []
         with self._lock:
-            # Two ranges out: the one it works on and the next, so that it
-            # never waits for this thread (which waits for the GIL) between them.
-            while self._free and self._ranges < 2:
-                hi = lo = self._free
-                while lo > 0 and hi - lo < window:
-                    if lo - 1 in self._taken:  # the batch has come this far: the rest is its
-                        self._free = 0
-                        break
-                    lo -= 1
-                    self._handed[lo] = threading.Event()
-                else:
-                    self._free = lo
-                if lo < hi:
-                    ranges.append(b"%d %d\n" % (lo, hi))
-                    self._ranges += 1
-            finished = not self._free and not self._ranges
-        if ranges:
-            proc.stdin.write(b"".join(ranges))
-            proc.stdin.flush()
+            hi = lo = self._free
+            while lo > 0 and self._out < window:
+                if lo - 1 in self._taken:  # the batch has come this far: the rest is its
+                    self._free = 0
+                    break
+                lo -= 1
+                self._items[lo] = _Item()
+                self._out += 1
+            else:
+                self._free = lo
+            finished = not self._free and not self._out
+        if lo < hi:
+            self._write(b"h %d %d\n" % (lo, hi))
         if finished:
-            _close(proc.stdin)
+            self._write(b"q\n")
+
+    def _forget(self) -> None:
+        """In a forked child: its copies of the pipes point at /dev/null, so
+        that the helper still sees its input end when the batch does."""
+        proc = self.proc
+        if proc is None:
+            return
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    os.dup2(null, stream.fileno())
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(null)
+
+
+_shares: weakref.WeakSet[Share] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for share in list(_shares):
+        share._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def serve(job: dict[str, Any]) -> None:
-    """The helper: fetch each range handed to it, far end first, as one batch
-    (its rows are written when the batch ends), then report it."""
-    from .models import Artifact
+    """The helper: fetch the positions handed to it, highest first, one at a
+    time, each reported once in the store and indexed (or failed).  A thread
+    reads the input meanwhile, so that an item asked back is given back at
+    once, and the end of the input (the batch quit or died) stops the helper
+    before its next item."""
+    from .errors import CasError
     from .store import Store
 
     items = job["items"]
-    out, buffered = sys.stdout.buffer, b""
+    queue: deque[int] = deque()
+    cond = threading.Condition()
+    stop = False
+    out = sys.stdout.buffer
+    out_lock = threading.Lock()
+
+    def say(data: bytes) -> None:
+        with out_lock:
+            out.write(data)
+            out.flush()
+
+    def listen() -> None:
+        nonlocal stop
+        try:
+            for line in sys.stdin.buffer:
+                kind, *args = line.split()
+                with cond:
+                    if kind == b"h":
+                        lo, hi = map(int, args)
+                        queue.extend(range(hi - 1, lo - 1, -1))
+                        cond.notify()
+                    elif kind == b"x" and int(args[0]) in queue:
+                        queue.remove(int(args[0]))
+                        say(b"c %d\n" % int(args[0]))
+                    elif kind == b"q":
+                        break
+        except (OSError, ValueError):
+            pass
+        with cond:
+            stop = True
+            cond.notify()
+
     with Store(job["root"], **job["options"]) as store:
-        out.write(b"ready\n")
-        out.flush()
-        # Ends when the batch has nothing more, or died.
-        while data := sys.stdin.buffer.read1(1 << 16):
-            *lines, buffered = (buffered + data).split(b"\n")
-            for line in lines:
-                lo, hi = map(int, line.split())
-                positions = range(hi - 1, lo - 1, -1)
-                requests = [
-                    Request(url=u, sha256=s, size=z, name=n)
-                    for u, s, z, n in (items[at] for at in positions)
-                ]
-                outcomes = store.ensure_many(requests, concurrency=1, processes=1)
-                failed = [
-                    b"%d" % at
-                    for at, o in zip(positions, outcomes, strict=True)
-                    if not isinstance(o, Artifact)
-                ]
-                out.write(b" ".join([b"%d %d" % (lo, hi), *failed]) + b"\n")
-                out.flush()
+        threading.Thread(target=listen, daemon=True).start()
+        say(b"ready\n")
+        while True:
+            with cond:
+                while not queue and not stop:
+                    cond.wait()
+                if stop:
+                    return
+                at = queue.popleft()
+            url, sha256, size, name = items[at]
+            try:
+                store.ensure(Request(url=url, sha256=sha256, size=size, name=name))
+                fetched = 1
+            except CasError:
+                fetched = 0  # the batch fetches it itself, with its retries
+            say(b"d %d %d\n" % (at, fetched))
 
 
 def _close(stream: Any) -> None:
     try:
         if stream is not None:
             stream.close()
-    except OSError:
+    except (OSError, ValueError):
         pass
 
 

@@ -370,15 +370,11 @@ class Store:
         return self._downloads().client
 
     def _share(
-        self,
-        reqs: list[Request],
-        groups: list[list[int]],
-        concurrency: int,
-        processes: int | None,
-        throttle: Any,
-    ) -> Any:
-        """A helper process (spread.Share) for a batch's missing items, or None."""
+        self, reqs: list[Request], groups: list[list[int]], concurrency: int, processes: int | None
+    ) -> Share | None:
+        """A helper process for a batch's missing items (spread.py), or None."""
         from . import spread
+        from .locks import DEFAULT_TIMEOUT, lock_timeout
 
         if concurrency < 2 or not spread.wanted(len(groups), processes):
             return None
@@ -405,14 +401,9 @@ class Store:
         policy = self._policy()
         options = dict(retries=0, timeout=policy.timeout, backoff_max=policy.backoff_max)
         options["headers"] = policy.headers
-        ceiling = throttle.ceiling
-        share = spread.Share(
-            self.layout,
-            options,
-            items,
-            on_ready=lambda: throttle.set_ceiling(ceiling - 1),
-            on_gone=lambda: throttle.set_ceiling(ceiling),
-        )
+        # A worker waits for an item the helper is fetching as it would on its lock.
+        patience = lock_timeout() if lock_timeout() > 0 else DEFAULT_TIMEOUT
+        share = spread.Share(self.layout, options, items, patience=patience)
         if share.proc is None:
             return None
         log.debug("a helper process (pid %d) may take %d items", share.proc.pid, len(items))
@@ -668,42 +659,44 @@ class Store:
         def run(
             jobs: list[tuple[list[int], Failed]],
             committer: GroupCommit | None,
-            spread: bool = False,
+            share: Share | None = None,
         ) -> None:
             workers = max(1, min(concurrency, len(jobs)))
-            throttle = Throttle(workers)
-            share = (
-                self._share(reqs, [g for g, _ in jobs], concurrency, processes, throttle)
-                if spread
-                else None
-            )
-            try:
-                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casstore") as pool:
-                    futures = [
-                        pool.submit(run_group, g, f, committer, throttle, share) for g, f in jobs
-                    ]
-                    for future in futures:
-                        future.result()
-            finally:
-                if share is not None:
-                    share.close()
+            # A helper is one of the ``concurrency``: one worker fewer while it lives.
+            throttle = Throttle(workers - 1 if share is not None else workers)
+            if share is not None:
+                share.when_gone(lambda: throttle.set_ceiling(workers))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casstore") as pool:
+                futures = [
+                    pool.submit(run_group, g, f, committer, throttle, share) for g, f in jobs
+                ]
+                for future in futures:
+                    future.result()
 
         if reqs:
-            committer = GroupCommit(self.layout, self.index)
+            jobs: list[tuple[list[int], Failed]] = [(g, {}) for g in groups.values()]
+            share = self._share(reqs, [g for g, _ in jobs], concurrency, processes)
             try:
-                run([(g, {}) for g in groups.values()], committer, spread=True)
+                committer = GroupCommit(self.layout, self.index)
+                try:
+                    run(jobs, committer, share)
+                finally:
+                    committer.close()
+                if committer.unindexed:
+                    index_of: dict[int, int] = {}
+                    for i, req in enumerate(reqs):
+                        index_of.setdefault(id(req), i)
+                    for sha, row, reason in committer.unindexed:
+                        # The item that downloaded it, whatever its group's others did.
+                        owner = index_of[id(row["request"])]
+                        results[owner] = CasError(f"could not index {sha}: {reason}")
+                if put_off:  # every lock of this batch is released by now
+                    run(put_off, None)
             finally:
-                committer.close()
-            if committer.unindexed:
-                index_of: dict[int, int] = {}
-                for i, req in enumerate(reqs):
-                    index_of.setdefault(id(req), i)
-                for sha, row, reason in committer.unindexed:
-                    # The item that downloaded it, whatever its group's others did.
-                    owner = index_of[id(row["request"])]
-                    results[owner] = CasError(f"could not index {sha}: {reason}")
-            if put_off:  # every lock of this batch is released by now
-                run(put_off, None)
+                # After the put-off items: one the helper is still fetching is waited
+                # for on its lock there, not fetched again from scratch.
+                if share is not None:
+                    share.close()
         return results  # type: ignore[return-value]
 
     # -- put -----------------------------------------------------------------

@@ -134,3 +134,24 @@ def test_publish_direct_links_then_unlinks_temp(store_dir):
     os.chmod(temp, 0o444)
     path, created = publish(layout, temp, sha(b"abc"), 3)
     assert created and not temp.exists() and path.read_bytes() == b"abc"
+
+
+def test_publish_makes_the_objects_directories_it_needs(store_dir):
+    """Made on a publish's first miss, as deep as is missing (here sha256/ itself,
+    removed by hand under a layout that had made it)."""
+    import shutil
+
+    layout = Layout(store_dir)
+    for data in (b"first", b"second"):
+        with Ingest(layout) as ing:
+            ing.write(data)
+            pub = ing.commit(sha256=sha(data))
+        assert pub.created and pub.path.read_bytes() == data
+        shutil.rmtree(store_dir / "sha256")
+    with Ingest(layout) as ing:  # a temp that is gone is an error, not a new directory
+        ing.write(b"third")
+        ing.seal()
+        os.unlink(ing.temp)
+        with pytest.raises(FileNotFoundError):
+            publish(layout, ing.temp, sha(b"third"), 5)
+    assert not (store_dir / "sha256").exists()

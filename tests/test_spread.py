@@ -262,3 +262,107 @@ def test_when_a_batch_wants_a_helper(monkeypatch):
     assert wanted(1, None)
     monkeypatch.setattr(sys, "frozen", True, raising=False)  # no interpreter to start
     assert not wanted(10_000, 2)
+
+
+def test_a_helper_is_one_of_the_batchs_concurrency(store, store_dir, origin, caplog):
+    caplog.set_level(logging.DEBUG, logger="casstore")
+    items = _items(origin, 12, chunk=1000, drip=0.01)  # each request takes ~30 ms
+    now_and_most = [0, 0]
+    lock = threading.Lock()
+    serve = origin._serve
+
+    def counting(h, *, head: bool) -> None:
+        with lock:
+            now_and_most[0] += 1
+            now_and_most[1] = max(now_and_most[1], now_and_most[0])
+        try:
+            serve(h, head=head)
+        finally:
+            with lock:
+                now_and_most[0] -= 1
+
+    origin._serve = counting
+    with Held(origin, "/f0", "/f1"):
+        batch, out = _in_thread(
+            lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=3, processes=2)
+        )
+        # Two workers are held; the third has begun /f2 and waits for a slot,
+        # which the helper has.
+        _until(lambda: all(origin.count(f"/f{i}") == 1 for i in range(3, 12)), "the helper")
+        assert now_and_most[1] == 3
+    batch.join(60)
+    assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
+    assert now_and_most[1] <= 3 and "a helper process" in caplog.text
+    assert_store_consistent(store_dir)
+
+
+def test_an_item_the_helper_has_not_begun_is_taken_back(store, store_dir, origin):
+    items = _items(origin, 8)
+    first = origin.routes["/f7"]  # the helper's first item; the second, /f6, waits behind it
+    first.gate_after = 1000
+    try:
+        with Held(origin, "/f0", "/f1"):
+            batch, out = _in_thread(
+                lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
+            )
+            assert first.sent_event.wait(60)
+        # The batch comes to /f6 while the helper is held on /f7: it takes /f6 back.
+        _until(lambda: origin.count("/f6") == 1, "the batch to fetch /f6")
+        assert origin.count("/f7") == 1
+    finally:
+        first.gate.set()
+    batch.join(60)
+    assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
+    assert all(origin.count(f"/f{i}") == 1 for i in range(8))
+    assert_store_consistent(store_dir)
+
+
+def test_a_forked_child_does_not_keep_a_helper_alive(store_dir, origin, tmp_path):
+    """A child forked from a batch (a multiprocessing worker) keeps no copy of the
+    helper's input: the helper still stops when its batch dies."""
+    items = _items(origin, 40)
+    origin.routes["/f39"].gate_after = 1000  # the helper's first item
+    code = (
+        "import json, os, sys\n"
+        "from casstore import Store\n"
+        "items = json.loads(sys.argv[2])\n"
+        "forked = []\n"
+        "def on_done(i, outcome):\n"
+        "    if not forked:\n"
+        "        forked.append(os.fork())\n"
+        "        if forked[0] == 0:\n"
+        "            open(sys.argv[3], 'w').write(str(os.getpid()))\n"
+        "            os.read(os.open(sys.argv[3] + '.fifo', os.O_RDONLY), 1)\n"
+        "            os._exit(0)\n"
+        "Store(sys.argv[1]).ensure_many(\n"
+        "    [tuple(i) for i in items], concurrency=2, processes=2, on_done=on_done\n"
+        ")\n"
+    )
+    pid_file = tmp_path / "child.pid"
+    os.mkfifo(f"{pid_file}.fifo")
+    listing = json.dumps([(u, sha(d)) for u, d in items])
+    child = None
+    with Held(origin, "/f1"):  # /f0 is done: on_done forks
+        batch = subprocess.Popen(
+            [sys.executable, "-c", code, str(store_dir), listing, str(pid_file)], cwd=ROOT
+        )
+        try:
+            assert origin.routes["/f39"].sent_event.wait(60)
+            _until(lambda: pid_file.exists() and pid_file.read_text(), "the forked child")
+            child = int(pid_file.read_text())
+            (helper,) = _helpers(batch.pid)
+            batch.kill()
+            batch.wait(30)
+        finally:
+            origin.routes["/f39"].gate.set()
+            if batch.poll() is None:
+                batch.kill()
+                batch.wait()
+        try:
+            _until(lambda: _gone(helper), "the helper to exit")
+            assert not _gone(child)  # the child still holds whatever it inherited
+        finally:
+            fifo = os.open(f"{pid_file}.fifo", os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fifo, b"x")
+            os.close(fifo)
+    assert_store_consistent(store_dir, allow_temps=True)
