@@ -37,6 +37,7 @@ and ``x I`` (give position I back if not begun); helper to batch ``ready``,
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import subprocess
@@ -50,6 +51,9 @@ from typing import Any
 
 from .layout import Layout
 from .models import Request
+from .urls import redact as _redact
+
+log = logging.getLogger("casstore")
 
 # Below this many items to hand out, a helper's start-up (~0.1 s of CPU, on
 # the core the batch would use otherwise) costs more than it saves.
@@ -57,6 +61,8 @@ SPREAD_MIN = 256
 # Items handed out ahead: about this much of the helper's work, at least two.
 WINDOW_SECONDS = 0.02
 WINDOW_MAX = 32
+# The job is all the helper's input until it says "ready", so the buffered
+# read of it takes nothing that serve() (reading fd 0 itself) would miss.
 _BOOT = (
     "import pickle, sys\n"
     "job = pickle.load(sys.stdin.buffer)\n"
@@ -64,7 +70,11 @@ _BOOT = (
     "from casstore.spread import serve\n"
     "serve(job)\n"
 )
-_HANDED, _DONE, _BACK = "handed", "done", "back"
+_HANDED, _BEGUN, _DONE, _BACK = "handed", "begun", "done", "back"
+# How long a worker waits for the helper to give back, or say it began, an
+# item it was handed: past that the helper is stopped or starved, and the
+# batch does all it was handed and not begun itself.
+ANSWER_WITHIN = 1.0
 
 
 def wanted(items: int, processes: int | None) -> bool:
@@ -82,12 +92,11 @@ def wanted(items: int, processes: int | None) -> bool:
 
 
 class _Item:
-    __slots__ = ("asked_back", "event", "fetched", "state")
+    __slots__ = ("asked_back", "fetched", "state")
 
     def __init__(self) -> None:
         self.state = _HANDED
         self.fetched = False
-        self.event = threading.Event()
         self.asked_back = False
 
 
@@ -111,8 +120,10 @@ class Share:
         self._items: dict[int, _Item] = {}  # by position: handed out
         self._out = 0  # handed out and neither reported nor given back
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # an item's state moved on
         self._write_lock = threading.Lock()
         self._patience = patience
+        self._urls = [r.url for _, r in items]
         self._on_gone: list[Callable[[], None]] = []
         self._per_item: float | None = None
         self._gone = False
@@ -146,11 +157,14 @@ class Share:
 
     def take(self, group: int) -> bool:
         """Return once the batch may serve ``group``: at once if the helper was
-        not handed it (and from now on never will be), or gives it back
-        unbegun; else once the helper has reported it, or is gone, or after
-        ``patience`` seconds (the item's lock then decides who fetches it, as
-        between any two processes).  True if the helper put the group's object
-        in the store and indexed it."""
+        not handed it (and from now on never will be); if it was, once the
+        helper gives it back unbegun, or has reported it, or is gone.  An
+        item the helper is fetching is waited for as on its lock: ``patience``
+        seconds at most (the lock then decides who fetches it), saying so
+        after a second.  True if the helper put the group's object in the
+        store and indexed it."""
+        from .locks import ANNOUNCE_AFTER
+
         at = self._position.get(group)
         if at is None:
             return False
@@ -163,8 +177,34 @@ class Share:
             item.asked_back = True
         if ask_back:
             self._write(b"x %d\n" % at)
-        item.event.wait(self._patience)
-        return item.fetched
+        start = time.monotonic()
+        announced = False
+        with self._changed:
+            while item.state in (_HANDED, _BEGUN) and not self._gone:
+                waited = time.monotonic() - start
+                if item.state == _HANDED and waited >= ANSWER_WITHIN:
+                    self._stalled()
+                    break
+                if waited >= self._patience:
+                    break
+                if not announced and waited >= ANNOUNCE_AFTER:
+                    announced = True
+                    log.warning("waiting for another process to fetch %s", _redact(self._urls[at]))
+                limit = ANSWER_WITHIN if item.state == _HANDED else self._patience
+                if not announced:
+                    limit = min(limit, ANNOUNCE_AFTER)
+                self._changed.wait(max(0.0, limit - waited))
+            return item.fetched
+
+    def _stalled(self) -> None:
+        """The helper answers nothing (stopped, or starved of CPU): hand it no
+        more, and take back all it has not begun (with ``_lock`` held).  If it
+        begins one of them after all, that item's lock decides who fetches it."""
+        self._free = 0
+        for item in self._items.values():
+            if item.state == _HANDED:
+                item.state = _BACK
+        self._changed.notify_all()
 
     def when_gone(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the helper is gone (now, if it is)."""
@@ -175,32 +215,32 @@ class Share:
         callback()
 
     def close(self) -> None:
-        """Stop the helper (by now it holds nothing the batch waits for, unless
-        ``patience`` ran out) and reap it."""
+        """Stop the helper and reap it.  By now it holds nothing the batch waits
+        for, unless ``patience`` ran out (then its temp is left to gc)."""
         proc = self.proc
         if proc is None:
             return
         with self._lock:
             self._free = 0
-        # Not by closing its input: the talk thread may be writing to it.
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        # Killed, not asked: the talk thread may be writing to its input, and
+        # a stopped process takes no other signal.
+        proc.kill()
+        proc.wait()
         self._thread.join()
         for stream in (proc.stdin, proc.stdout):
             _close(stream)
         _shares.discard(self)
 
     def _write(self, data: bytes) -> None:
+        with self._write_lock:
+            self._send(data)
+
+    def _send(self, data: bytes) -> None:
         proc = self.proc
         assert proc is not None and proc.stdin is not None
         try:
-            with self._write_lock:
-                proc.stdin.write(data)
-                proc.stdin.flush()
+            proc.stdin.write(data)
+            proc.stdin.flush()
         except (OSError, ValueError):
             pass  # the helper is gone: the talk thread sees its output end
 
@@ -214,31 +254,38 @@ class Share:
             self._hand_out()
             last = time.monotonic()
             for line in proc.stdout:
-                kind, at, *rest = line.split()
-                with self._lock:
-                    item = self._items[int(at)]
-                    if item.state != _HANDED:
-                        raise ValueError(f"reported twice: {line!r}")
+                kind, at_text, *rest = line.rstrip(b"\n").split(b" ", 3)
+                at = int(at_text)
+                with self._changed:
+                    item = self._items[at]
+                    if kind == b"b":
+                        if item.state == _HANDED:
+                            item.state = _BEGUN
+                        self._changed.notify_all()
+                        continue
+                    if item.state in (_DONE, _BACK):
+                        continue  # taken back while the helper stalled: the batch's now
                     item.state = _DONE if kind == b"d" else _BACK
-                    item.fetched = kind == b"d" and rest == [b"1"]
+                    item.fetched = kind == b"d" and rest[:1] == [b"1"]
                     self._out -= 1
+                    self._changed.notify_all()
                 if kind == b"d":
+                    if not item.fetched and len(rest) > 1:
+                        # What the batch would have said of its first try.
+                        log.warning("%s; fetching it again", rest[1].decode(errors="replace"))
                     now = time.monotonic()
                     took, last = now - last, now
                     per = self._per_item
                     self._per_item = took if per is None else (per + took) / 2
-                item.event.set()
                 self._hand_out()
         except (OSError, ValueError, KeyError):
             pass  # a broken or garbled pipe: the helper is as good as gone
         finally:
-            with self._lock:
+            with self._changed:
                 self._gone = True
                 self._free = 0
-                left = [item for item in self._items.values() if item.state == _HANDED]
                 callbacks, self._on_gone = self._on_gone, []
-            for item in left:
-                item.event.set()
+                self._changed.notify_all()
             for callback in callbacks:
                 callback()
 
@@ -260,10 +307,16 @@ class Share:
             else:
                 self._free = lo
             finished = not self._free and not self._out
-        if lo < hi:
-            self._write(b"h %d %d\n" % (lo, hi))
-        if finished:
-            self._write(b"q\n")
+            # Taken before the items are visible to take(): an "x" for one of
+            # them must not reach the helper before the "h" that hands it out.
+            self._write_lock.acquire()
+        try:
+            if lo < hi:
+                self._send(b"h %d %d\n" % (lo, hi))
+            if finished:
+                self._send(b"q\n")
+        finally:
+            self._write_lock.release()
 
     def _forget(self) -> None:
         """In a forked child: its copies of the pipes point at /dev/null, so
@@ -295,29 +348,35 @@ os.register_at_fork(after_in_child=_after_fork)
 
 def serve(job: dict[str, Any]) -> None:
     """The helper: fetch the positions handed to it, highest first, one at a
-    time, each reported once in the store and indexed (or failed).  A thread
-    reads the input meanwhile, so that an item asked back is given back at
-    once, and the end of the input (the batch quit or died) stops the helper
-    before its next item."""
+    time: ``b`` as it begins one, ``d`` once it is in the store and indexed
+    (or failed, with why).  A thread reads the input meanwhile, so that an
+    item asked back is given back at once, and the input's end without a
+    ``q`` (the batch died) ends the helper there and then."""
+    import signal
+
     from .errors import CasError
     from .store import Store
 
+    # Ctrl-C reaches the whole process group: the batch stops its helper itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     items = job["items"]
     queue: deque[int] = deque()
     cond = threading.Condition()
     stop = False
-    out = sys.stdout.buffer
     out_lock = threading.Lock()
 
     def say(data: bytes) -> None:
         with out_lock:
-            out.write(data)
-            out.flush()
+            os.write(1, data)  # whole lines, each far below PIPE_BUF
 
     def listen() -> None:
+        # os.read, not sys.stdin: a thread blocked in a buffered read holds its
+        # lock, and the interpreter could not shut down around it.
         nonlocal stop
-        try:
-            for line in sys.stdin.buffer:
+        buffered = b""
+        while data := os.read(0, 1 << 16):
+            *lines, buffered = (buffered + data).split(b"\n")
+            for line in lines:
                 kind, *args = line.split()
                 with cond:
                     if kind == b"h":
@@ -328,30 +387,32 @@ def serve(job: dict[str, Any]) -> None:
                         queue.remove(int(args[0]))
                         say(b"c %d\n" % int(args[0]))
                     elif kind == b"q":
-                        break
-        except (OSError, ValueError):
-            pass
-        with cond:
-            stop = True
-            cond.notify()
+                        stop = True
+                        cond.notify()
+                        return
+        os._exit(1)  # the batch died: nobody waits for the item in hand
 
-    with Store(job["root"], **job["options"]) as store:
-        threading.Thread(target=listen, daemon=True).start()
-        say(b"ready\n")
-        while True:
-            with cond:
-                while not queue and not stop:
-                    cond.wait()
-                if stop:
-                    return
-                at = queue.popleft()
-            url, sha256, size, name = items[at]
-            try:
-                store.ensure(Request(url=url, sha256=sha256, size=size, name=name))
-                fetched = 1
-            except CasError:
-                fetched = 0  # the batch fetches it itself, with its retries
-            say(b"d %d %d\n" % (at, fetched))
+    try:
+        with Store(job["root"], **job["options"]) as store:
+            threading.Thread(target=listen, daemon=True).start()
+            say(b"ready\n")
+            while True:
+                with cond:
+                    while not queue and not stop:
+                        cond.wait()
+                    if stop:
+                        return
+                    at = queue.popleft()
+                    say(b"b %d\n" % at)
+                url, sha256, size, name = items[at]
+                try:
+                    store.ensure(Request(url=url, sha256=sha256, size=size, name=name))
+                    say(b"d %d 1\n" % at)
+                except CasError as exc:  # the batch fetches it itself, with its retries
+                    why = " ".join(str(exc).split())[:1000].encode(errors="replace")
+                    say(b"d %d 0 %s\n" % (at, why))
+    except BaseException:
+        os._exit(1)  # no traceback to show, no thread to wait for
 
 
 def _close(stream: Any) -> None:

@@ -373,6 +373,8 @@ class Store:
         self, reqs: list[Request], groups: list[list[int]], concurrency: int, processes: int | None
     ) -> Share | None:
         """A helper process for a batch's missing items (spread.py), or None."""
+        from collections import Counter
+
         from . import spread
         from .locks import DEFAULT_TIMEOUT, lock_timeout
 
@@ -382,6 +384,8 @@ class Store:
         if pool is None:
             return None
         trusting = {req.url for req in reqs if req.sha256 is None}
+        # A name two digests claim goes to whichever is recorded last: batch order.
+        named = Counter(req.name for req in reqs)
         firsts = [
             (g[0], req)
             for g in groups
@@ -389,6 +393,7 @@ class Store:
             and req.md5 is None
             and not req.mirrors
             and req.url not in trusting
+            and (req.name is None or named[req.name] == 1)
         ]
         plain = pool.takes_all(req.url for _, req in firsts)
         items = [

@@ -84,11 +84,12 @@ class Throttle:
 
     def set_ceiling(self, ceiling: int) -> None:
         """Change the most slots (a helper process took one of them, or gave it
-        back); a trial under way ends."""
+        back).  A limit at the old ceiling follows it; a trial under way ends."""
         with self._cond:
+            at_top = self.limit >= self.ceiling
             self.ceiling = max(1, ceiling)
             self._trial_from = None
-            self.limit = min(self.limit, self.ceiling)
+            self.limit = self.ceiling if at_top else min(self.limit, self.ceiling)
             self._cond.notify_all()
 
     @contextmanager

@@ -124,8 +124,9 @@ def test_a_helper_fetches_from_the_far_end_while_the_batch_is_held(
 
 
 def test_what_a_helper_is_not_handed(store, store_dir, origin):
-    """Items with mirrors or an md5, or whose URL a digest-less item also asks
-    for, stay the batch's (their sources, warnings and records are its own)."""
+    """Items with mirrors or an md5, a name another item also gives, or a URL
+    that a digest-less item also asks for, stay the batch's (their sources,
+    warnings and records are its own)."""
     items = _items(origin, 8)
     mirror = origin.add("/mirror", items[5][1])
     url = [u for u, _ in items]
@@ -133,28 +134,30 @@ def test_what_a_helper_is_not_handed(store, store_dir, origin):
     requests = [
         Request(url[0], sha256=digest[0]),
         Request(url[1], sha256=digest[1]),
-        Request(url[2], sha256=digest[2]),  # handed out last: the helper does it
+        Request(url[2], sha256=digest[2]),  # the one the helper may take
         Request(url[3], sha256=digest[3]),  # the same URL unverified, below
         Request(url[4], sha256=digest[4], md5=hashlib.md5(items[4][1]).hexdigest()),
         Request(url[5], sha256=digest[5], mirrors=(mirror,)),
-        Request(url[6], sha256=digest[6]),
+        Request(url[6], sha256=digest[6], name="tool"),  # a name two digests claim
         Request(url[3]),
+        Request(url[7], sha256=digest[7], name="tool"),
     ]
     with Held(origin, "/f0", "/f1"):
         batch, out = _in_thread(lambda: store.get_many(requests, concurrency=2, processes=2))
-        _until(lambda: origin.count("/f2") == 1, "the helper's last item")
-        assert [origin.count(f"/f{i}") for i in (3, 4, 5, 6)] == [0, 0, 0, 1]
+        _until(lambda: origin.count("/f2") == 1, "the helper's one item")
+        assert [origin.count(f"/f{i}") for i in (3, 4, 5, 6, 7)] == [0, 0, 0, 0, 0]
     batch.join(60)
-    assert [Path(p).read_bytes() for p in out[0]] == [items[i][1] for i in range(7)] + [items[3][1]]
+    expected = [items[i][1] for i in range(7)] + [items[3][1], items[7][1]]
+    assert [Path(p).read_bytes() for p in out[0]] == expected
     # (/f3 may be fetched twice, as without a helper: the unverified item may
     # look before the verified one's row is written.)
-    assert all(origin.count(f"/f{i}") == 1 for i in (0, 1, 2, 4, 5, 6))
+    assert all(origin.count(f"/f{i}") == 1 for i in (0, 1, 2, 4, 5, 6, 7))
     assert origin.count("/mirror") == 0
     assert_store_consistent(store_dir)
 
 
 def test_an_item_the_helper_failed_is_fetched_by_the_batch_with_its_retries(
-    store, store_dir, origin, monkeypatch
+    store, store_dir, origin, monkeypatch, caplog
 ):
     monkeypatch.setenv("CASSTORE_BACKOFF_MAX", "0.01")
     items = _items(origin, 6)
@@ -171,6 +174,9 @@ def test_an_item_the_helper_failed_is_fetched_by_the_batch_with_its_retries(
     seen = origin.requests("/f5")
     assert [r.status for r in seen] == [503, 503, 200]
     assert seen[0].port != seen[1].port == seen[2].port
+    # What the helper's try met is said, as the batch's own first try would have.
+    (said,) = [r.getMessage() for r in caplog.records if "fetching it again" in r.getMessage()]
+    assert "/f5" in said and "503" in said
     assert_store_consistent(store_dir)
 
 
@@ -198,7 +204,6 @@ def test_a_helper_killed_midway_costs_the_batch_nothing_but_its_item(store, stor
 
 def test_a_helper_stops_when_its_batch_is_killed(store_dir, origin):
     items = _items(origin, 40)
-    origin.routes["/f39"].gate_after = 1000  # the helper's first item
     code = (
         "import json, sys\n"
         "from casstore import Store\n"
@@ -206,21 +211,22 @@ def test_a_helper_stops_when_its_batch_is_killed(store_dir, origin):
         "Store(sys.argv[1]).get_many([tuple(i) for i in items], concurrency=2, processes=2)\n"
     )
     listing = json.dumps([(u, sha(d)) for u, d in items])
-    with Held(origin, "/f0", "/f1"):
+    with Held(origin, "/f0", "/f1", "/f39"):
         batch = subprocess.Popen([sys.executable, "-c", code, str(store_dir), listing], cwd=ROOT)
         try:
             assert origin.routes["/f39"].sent_event.wait(60)
             (helper,) = _helpers(batch.pid)
             batch.kill()
             batch.wait(30)
+            # Its input ended with the batch: it stops there and then, in the
+            # middle of /f39 (still held); /f38, handed to it too, never begun.
+            # (Sooner than the 30 s in which its read of /f39 would time out.)
+            _until(lambda: _gone(helper), "the helper to exit", timeout=20)
         finally:
-            origin.routes["/f39"].gate.set()
             if batch.poll() is None:
                 batch.kill()
                 batch.wait()
-        # Its input closed with the batch: it ends the items in hand and stops.
-        _until(lambda: _gone(helper), "the helper to exit")
-    assert origin.count("/f39") == 1 and sum(origin.count(f"/f{i}") for i in range(40)) < 10
+    assert origin.count("/f39") == 1 and origin.count("/f38") == 0
     assert_store_consistent(store_dir, allow_temps=True)  # the killed batch's, gc's to sweep
 
 
@@ -296,7 +302,7 @@ def test_a_helper_is_one_of_the_batchs_concurrency(store, store_dir, origin, cap
     assert_store_consistent(store_dir)
 
 
-def test_an_item_the_helper_has_not_begun_is_taken_back(store, store_dir, origin):
+def test_an_item_the_helper_has_not_begun_is_taken_back(store, store_dir, origin, caplog):
     items = _items(origin, 8)
     first = origin.routes["/f7"]  # the helper's first item; the second, /f6, waits behind it
     first.gate_after = 1000
@@ -306,9 +312,11 @@ def test_an_item_the_helper_has_not_begun_is_taken_back(store, store_dir, origin
                 lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
             )
             assert first.sent_event.wait(60)
-        # The batch comes to /f6 while the helper is held on /f7: it takes /f6 back.
+        # The batch comes to /f6 while the helper is held on /f7: it takes /f6 back,
+        # then waits for /f7 as on another process's lock, and says so.
         _until(lambda: origin.count("/f6") == 1, "the batch to fetch /f6")
-        assert origin.count("/f7") == 1
+        _until(lambda: "waiting for another process to fetch" in caplog.text, "the message")
+        assert origin.count("/f7") == 1 and "/f7" in caplog.text
     finally:
         first.gate.set()
     batch.join(60)
@@ -366,3 +374,77 @@ def test_a_forked_child_does_not_keep_a_helper_alive(store_dir, origin, tmp_path
             os.write(fifo, b"x")
             os.close(fifo)
     assert_store_consistent(store_dir, allow_temps=True)
+
+
+def test_a_batch_gets_its_worker_back_when_the_helper_is_gone(store, store_dir, origin):
+    items = _items(origin, 12)
+    first = origin.routes["/f11"]  # the helper's first item
+    first.gate_after, first.gate_once = 1000, True
+    with Held(origin, "/f0"):
+        batch, out = _in_thread(
+            lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
+        )
+        assert first.sent_event.wait(60)
+        (helper,) = _helpers()
+        os.kill(helper, signal.SIGKILL)
+        # One worker is held on /f0; the other, idle while the helper lived, does the rest.
+        _until(lambda: all(origin.count(f"/f{i}") == 1 for i in range(1, 11)), "the batch")
+        _until(lambda: origin.count("/f11") == 2, "the batch to fetch /f11 again")
+    batch.join(60)
+    assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
+    assert_store_consistent(store_dir, allow_temps=True)  # the killed helper's, gc's to sweep
+
+
+def test_a_stopped_helper_holds_up_only_the_item_it_has_begun(store, store_dir, origin):
+    items = _items(origin, 12)
+    first = origin.routes["/f11"]  # the helper's first item; /f10 was handed with it
+    first.gate_after = 1000
+    helper = None
+    try:
+        with Held(origin, "/f0"):
+            batch, out = _in_thread(
+                lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
+            )
+            assert first.sent_event.wait(60)
+            (helper,) = _helpers()
+            os.kill(helper, signal.SIGSTOP)
+        # The batch asks for /f10 back, hears nothing, and fetches it itself.
+        _until(lambda: origin.count("/f10") == 1, "the batch to fetch /f10")
+        assert origin.count("/f11") == 1
+    finally:
+        if helper is not None:
+            os.kill(helper, signal.SIGCONT)
+        first.gate.set()
+    batch.join(60)
+    assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
+    assert all(origin.count(f"/f{i}") == 1 for i in range(12))
+    assert_store_consistent(store_dir)
+
+
+def test_an_item_the_helper_outlasts_the_wait_for_is_not_fetched_twice(
+    store, store_dir, origin, monkeypatch, caplog
+):
+    """A worker waits for the helper's item as on a lock, at most the lock's
+    timeout; then it is put off, and the put-off items (waited for on the lock)
+    come before the helper is stopped, so the helper's fetch is not lost."""
+    monkeypatch.setenv("CASSTORE_LOCK_TIMEOUT", "3")
+    items = _items(origin, 8)
+    first = origin.routes["/f7"]  # the helper's first item
+    first.gate_after = 1000
+    try:
+        with Held(origin, "/f0", "/f1"):
+            batch, out = _in_thread(
+                lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
+            )
+            assert first.sent_event.wait(60)
+
+        def waits() -> int:
+            return sum("waiting for another process" in r.getMessage() for r in caplog.records)
+
+        _until(lambda: waits() >= 2, "a wait in take() and one on the lock")
+    finally:
+        first.gate.set()
+    batch.join(60)
+    assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
+    assert all(origin.count(f"/f{i}") == 1 for i in range(8))
+    assert_store_consistent(store_dir)

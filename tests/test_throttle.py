@@ -135,3 +135,17 @@ def test_steps_each_a_little_slower_do_not_add_up():
     rate = {8: 1000.0, 4: 960.0, 2: 921.6, 1: 884.7}
     limits = _run(Throttle(8), 3, rate_at=rate.__getitem__, busy_at=lambda n: 1.2)
     assert limits == [4, 2, 4]
+
+
+def test_a_ceiling_lent_to_a_helper_and_given_back():
+    throttle = Throttle(4, clock=lambda: 0.0, cpu=lambda: 0.0)
+    throttle.set_ceiling(3)  # a helper process took a slot
+    assert (throttle.ceiling, throttle.limit) == (3, 3)
+    throttle.set_ceiling(4)  # and is gone: a limit at the top follows the ceiling up
+    assert (throttle.ceiling, throttle.limit) == (4, 4)
+    throttle.decide((10.0, 40960.0), 1.0)  # CPU-bound: a trial of fewer
+    low = throttle.limit
+    assert low < 4
+    throttle.set_ceiling(3)
+    throttle.set_ceiling(4)
+    assert throttle.limit == low  # one the batch chose below it stays
