@@ -51,7 +51,6 @@ from typing import Any
 
 from .layout import Layout
 from .models import Request
-from .urls import redact as _redact
 
 log = logging.getLogger("casstore")
 
@@ -92,11 +91,12 @@ def wanted(items: int, processes: int | None) -> bool:
 
 
 class _Item:
-    __slots__ = ("asked_back", "fetched", "state")
+    __slots__ = ("asked_back", "error", "fetched", "state")
 
     def __init__(self) -> None:
         self.state = _HANDED
         self.fetched = False
+        self.error: Exception | None = None  # a failure more tries would not mend
         self.asked_back = False
 
 
@@ -123,7 +123,6 @@ class Share:
         self._changed = threading.Condition(self._lock)  # an item's state moved on
         self._write_lock = threading.Lock()
         self._patience = patience
-        self._urls = [r.url for _, r in items]
         self._on_gone: list[Callable[[], None]] = []
         self._per_item: float | None = None
         self._gone = False
@@ -155,16 +154,15 @@ class Share:
         self._thread = threading.Thread(target=self._talk, name="casstore-spread", daemon=True)
         self._thread.start()
 
-    def take(self, group: int) -> bool:
+    def take(self, group: int) -> bool | Exception:
         """Return once the batch may serve ``group``: at once if the helper was
         not handed it (and from now on never will be); if it was, once the
         helper gives it back unbegun, or has reported it, or is gone.  An
-        item the helper is fetching is waited for as on its lock: ``patience``
-        seconds at most (the lock then decides who fetches it), saying so
-        after a second.  True if the helper put the group's object in the
-        store and indexed it."""
-        from .locks import ANNOUNCE_AFTER
-
+        item the helper is fetching is waited for as on its lock, ``patience``
+        seconds at most (the lock then decides who fetches it).  True if the
+        helper put the group's object in the store and indexed it; the
+        DownloadError or IntegrityFailure it met, if another try would meet it
+        too (a 404, wrong bytes), so that the origin is not asked again."""
         at = self._position.get(group)
         if at is None:
             return False
@@ -178,25 +176,22 @@ class Share:
         if ask_back:
             self._write(b"x %d\n" % at)
         start = time.monotonic()
-        announced = False
+        stalled = False
         with self._changed:
             while item.state in (_HANDED, _BEGUN) and not self._gone:
                 waited = time.monotonic() - start
                 if item.state == _HANDED and waited >= ANSWER_WITHIN:
-                    self._stalled()
+                    stalled = self._stalled()
                     break
-                if waited >= self._patience:
-                    break
-                if not announced and waited >= ANNOUNCE_AFTER:
-                    announced = True
-                    log.warning("waiting for another process to fetch %s", _redact(self._urls[at]))
                 limit = ANSWER_WITHIN if item.state == _HANDED else self._patience
-                if not announced:
-                    limit = min(limit, ANNOUNCE_AFTER)
-                self._changed.wait(max(0.0, limit - waited))
-            return item.fetched
+                if waited >= limit:
+                    break
+                self._changed.wait(limit - waited)
+        if stalled:
+            self._hand_out()  # nothing more: the helper stops after the item in hand
+        return item.error or item.fetched
 
-    def _stalled(self) -> None:
+    def _stalled(self) -> bool:
         """The helper answers nothing (stopped, or starved of CPU): hand it no
         more, and take back all it has not begun (with ``_lock`` held).  If it
         begins one of them after all, that item's lock decides who fetches it."""
@@ -204,7 +199,9 @@ class Share:
         for item in self._items.values():
             if item.state == _HANDED:
                 item.state = _BACK
+                self._out -= 1
         self._changed.notify_all()
+        return True
 
     def when_gone(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the helper is gone (now, if it is)."""
@@ -254,7 +251,10 @@ class Share:
             self._hand_out()
             last = time.monotonic()
             for line in proc.stdout:
-                kind, at_text, *rest = line.rstrip(b"\n").split(b" ", 3)
+                if line.startswith(b"w "):  # a warning of its own (a lock wait): the batch's
+                    log.warning("%s", line[2:].rstrip(b"\n").decode(errors="replace"))
+                    continue
+                kind, at_text, *rest = line.rstrip(b"\n").split(b" ", 4)
                 at = int(at_text)
                 with self._changed:
                     item = self._items[at]
@@ -267,12 +267,14 @@ class Share:
                         continue  # taken back while the helper stalled: the batch's now
                     item.state = _DONE if kind == b"d" else _BACK
                     item.fetched = kind == b"d" and rest[:1] == [b"1"]
+                    if rest[:1] == [b"0"] and rest[1:2] == [b"p"]:
+                        item.error = _failure(rest[2])
                     self._out -= 1
                     self._changed.notify_all()
                 if kind == b"d":
-                    if not item.fetched and len(rest) > 1:
+                    if rest[:1] == [b"0"] and rest[1:2] == [b"t"]:
                         # What the batch would have said of its first try.
-                        log.warning("%s; fetching it again", rest[1].decode(errors="replace"))
+                        log.warning("%s; fetching it again", rest[2].decode(errors="replace"))
                     now = time.monotonic()
                     took, last = now - last, now
                     per = self._per_item
@@ -354,7 +356,7 @@ def serve(job: dict[str, Any]) -> None:
     ``q`` (the batch died) ends the helper there and then."""
     import signal
 
-    from .errors import CasError
+    from .errors import CasError, DownloadError, IntegrityFailure
     from .store import Store
 
     # Ctrl-C reaches the whole process group: the batch stops its helper itself.
@@ -374,23 +376,37 @@ def serve(job: dict[str, Any]) -> None:
         # lock, and the interpreter could not shut down around it.
         nonlocal stop
         buffered = b""
-        while data := os.read(0, 1 << 16):
-            *lines, buffered = (buffered + data).split(b"\n")
-            for line in lines:
-                kind, *args = line.split()
-                with cond:
-                    if kind == b"h":
-                        lo, hi = map(int, args)
-                        queue.extend(range(hi - 1, lo - 1, -1))
-                        cond.notify()
-                    elif kind == b"x" and int(args[0]) in queue:
-                        queue.remove(int(args[0]))
-                        say(b"c %d\n" % int(args[0]))
-                    elif kind == b"q":
-                        stop = True
-                        cond.notify()
-                        return
-        os._exit(1)  # the batch died: nobody waits for the item in hand
+        try:
+            while data := os.read(0, 1 << 16):
+                *lines, buffered = (buffered + data).split(b"\n")
+                for line in lines:
+                    kind, *args = line.split()
+                    with cond:
+                        if kind == b"h":
+                            lo, hi = map(int, args)
+                            queue.extend(range(hi - 1, lo - 1, -1))
+                            cond.notify()
+                        elif kind == b"x" and int(args[0]) in queue:
+                            queue.remove(int(args[0]))
+                            say(b"c %d\n" % int(args[0]))
+                        elif kind == b"q":
+                            stop = True
+                            cond.notify()
+                            return
+        except BaseException:
+            pass
+        os._exit(1)  # the batch died (or its pipe broke): nobody waits for the item in hand
+
+    class Forward(logging.Handler):
+        """Its warnings (a wait on another process's lock) are the batch's to give."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            text = " ".join(record.getMessage().split())[:2000]
+            say(b"w " + text.encode(errors="replace") + b"\n")
+
+    logger = logging.getLogger("casstore")
+    logger.addHandler(Forward(logging.WARNING))
+    logger.propagate = False
 
     try:
         with Store(job["root"], **job["options"]) as store:
@@ -408,11 +424,27 @@ def serve(job: dict[str, Any]) -> None:
                 try:
                     store.ensure(Request(url=url, sha256=sha256, size=size, name=name))
                     say(b"d %d 1\n" % at)
-                except CasError as exc:  # the batch fetches it itself, with its retries
-                    why = " ".join(str(exc).split())[:1000].encode(errors="replace")
-                    say(b"d %d 0 %s\n" % (at, why))
+                except (DownloadError, IntegrityFailure) as exc:
+                    if getattr(exc, "transient", False):  # the batch tries again, with its retries
+                        why = " ".join(str(exc).split())[:2000].encode(errors="replace")
+                        say(b"d %d 0 t %s\n" % (at, why))
+                    else:  # a 404, wrong bytes: the batch's answer too, without asking again
+                        say(b"d %d 0 p %s\n" % (at, pickle.dumps(exc).hex().encode()))
+                except CasError:  # its own trouble (its index, say): the batch does the item
+                    say(b"d %d 0 e\n" % at)
     except BaseException:
         os._exit(1)  # no traceback to show, no thread to wait for
+
+
+def _failure(text: bytes) -> Exception | None:
+    """The helper's DownloadError or IntegrityFailure, sent pickled (as hex)."""
+    from .errors import DownloadError, IntegrityFailure
+
+    try:
+        exc = pickle.loads(bytes.fromhex(text.decode()))
+    except Exception:
+        return None
+    return exc if isinstance(exc, DownloadError | IntegrityFailure) else None
 
 
 def _close(stream: Any) -> None:

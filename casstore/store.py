@@ -623,7 +623,7 @@ class Store:
             share: Share | None,
         ) -> None:
             # A group handed to the helper: once it is done with it.
-            fetched = share is not None and share.take(indices[0])
+            fetched = share is not None and committer is not None and share.take(indices[0])
             with throttle.slot() as slot:
                 serve_group(indices, failed, committer, slot, fetched)
 
@@ -632,7 +632,7 @@ class Store:
             failed: Failed,
             committer: GroupCommit | None,
             slot: Slot,
-            fetched: bool = False,
+            fetched: bool | Exception = False,
         ) -> None:
             for n, i in enumerate(indices):
                 req = reqs[i]
@@ -642,6 +642,8 @@ class Store:
                     outcome = failed[sources]
                 else:
                     try:
+                        if n == 0 and isinstance(fetched, Exception):
+                            raise fetched  # the helper's try met what ours would: not asked again
                         if n == 0 and fetched:  # by the helper, with this request's name
                             outcome = self._delivered(req, mode, committer)
                         else:
@@ -667,7 +669,8 @@ class Store:
             share: Share | None = None,
         ) -> None:
             workers = max(1, min(concurrency, len(jobs)))
-            # A helper is one of the ``concurrency``: one worker fewer while it lives.
+            # A helper is one of the ``concurrency``: one worker fewer while it lives
+            # (it may outlive the first run: an item that outlasted the wait for it).
             throttle = Throttle(workers - 1 if share is not None else workers)
             if share is not None:
                 share.when_gone(lambda: throttle.set_ceiling(workers))
@@ -696,7 +699,7 @@ class Store:
                         owner = index_of[id(row["request"])]
                         results[owner] = CasError(f"could not index {sha}: {reason}")
                 if put_off:  # every lock of this batch is released by now
-                    run(put_off, None)
+                    run(put_off, None, share)
             finally:
                 # After the put-off items: one the helper is still fetching is waited
                 # for on its lock there, not fetched again from scratch.

@@ -33,6 +33,11 @@ def assert_store_consistent(root: str | os.PathLike[str], *, allow_temps: bool =
     if index.exists():
         conn = sqlite3.connect(index)
         try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+            if "objects" not in tables:
+                # Made, and killed before its first migration committed: the next
+                # open migrates it; nothing in it to check.
+                return
             rows = {r[0] for r in conn.execute("SELECT sha256 FROM objects")}
             for table in ("names", "sources", "links"):
                 for (sha,) in conn.execute(f"SELECT sha256 FROM {table}"):
