@@ -17,22 +17,28 @@ comes to an item the helper has been handed but not begun takes it back.
 
 What it is handed, so that nothing the batch says or records changes: the
 first item of a digest's group that is missing from the store, has a sha256
-and no md5 or mirrors, and a plain URL the direct lane takes that no
-digest-less item of the batch asks for (a trust-on-first-use warning is the
-batch's to give).  It gets no destinations and no retries (a failure costs
-one try, then the batch tries with its own), and its messages go nowhere.
+and no md5 or mirrors, a name no other item gives (the last one recorded
+wins), and a plain URL the direct lane takes that no digest-less item of the
+batch asks for (a trust-on-first-use warning is the batch's to give).  It
+gets no destinations and no retries: a failure another try would meet too
+(a 404, wrong bytes) is the item's answer; after any other, the batch tries
+again with its own retries.  Its warnings (a wait on another process's lock)
+are passed on for the batch to give.
 
 The batch runs one worker fewer while it has a helper, so that ``concurrency``
 downloads at most are under way.  A store has at most one helper per spare
-core at a time (``_free_slot``).  The helper stops when its input ends: when
-the batch is done with it, or died; the batch ends it once every item it was
-handed is reported or taken back.
+core at a time (``_free_slot``).  A helper that answers nothing for a second
+gets nothing more, and the batch takes back what it had not begun.  The
+helper ends at once when its input ends without a ``q`` (the batch died);
+the batch kills it once every item it was handed is reported or taken back.
 
-The pipe, after the job (pickled: the items, the store, the options):
-batch to helper ``h LO HI`` (hand out positions LO..HI-1, the highest first)
-and ``x I`` (give position I back if not begun); helper to batch ``ready``,
-``d I 1|0`` (done with I: in the store and indexed, or not) and ``c I``
-(given back, never begun).
+The pipe, after the job (pickled: the items, the store, the options).  Batch
+to helper: ``h LO HI`` (hand out positions LO..HI-1, the highest first),
+``x I`` (give I back if not begun), ``q`` (nothing more).  Helper to batch:
+``ready``; ``b I`` (begun); ``c I`` (given back, never begun); ``d I 1`` (in
+the store and indexed); ``d I 0 t WHY`` (failed, worth another try), ``d I 0
+p HEX`` (failed for good: the pickled error), ``d I 0 e`` (its own trouble);
+``w TEXT`` (a warning).
 """
 
 from __future__ import annotations

@@ -376,7 +376,7 @@ class Store:
         from collections import Counter
 
         from . import spread
-        from .locks import DEFAULT_TIMEOUT, lock_timeout
+        from .locks import lock_timeout
 
         if concurrency < 2 or not spread.wanted(len(groups), processes):
             return None
@@ -406,9 +406,9 @@ class Store:
         policy = self._policy()
         options = dict(retries=0, timeout=policy.timeout, backoff_max=policy.backoff_max)
         options["headers"] = policy.headers
-        # A worker waits for an item the helper is fetching as it would on its lock.
-        patience = lock_timeout() if lock_timeout() > 0 else DEFAULT_TIMEOUT
-        share = spread.Share(self.layout, options, items, patience=patience)
+        # A worker waits for an item the helper is fetching as it would on its
+        # lock (not at all with locking off: then both fetch, as any two would).
+        share = spread.Share(self.layout, options, items, patience=max(0.0, lock_timeout()))
         if share.proc is None:
             return None
         log.debug("a helper process (pid %d) may take %d items", share.proc.pid, len(items))
