@@ -5,11 +5,13 @@ was fetched by the helper."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -508,3 +510,70 @@ def test_ctrl_c_is_the_batchs_to_handle_not_the_helpers(store, store_dir, origin
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
     assert all(origin.count(f"/f{i}") == 1 for i in range(8))
     assert_store_consistent(store_dir)
+
+
+def test_fetch_says_and_does_the_same_with_a_helper_as_without(origin, tmp_path):
+    """`casstore fetch --json` of a list with names, dests, a duplicate, a 404 and
+    wrong bytes: the same report, exit code, messages, files and names either way."""
+    items = _items(origin, 300)
+    origin.add("/gone", status=404)
+    lines = [f"{u} {sha(d)} n{i}" for i, (u, d) in enumerate(items)]
+    lines += [f"{items[3][0]}#{sha(items[3][1])}", f"{origin.url('/gone')}#{'0' * 64}"]
+    lines.append(f"{origin.add('/wrong', b'other bytes')}#{sha(b'the bytes promised')}")
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(lines) + "\n")
+
+    def fetch(processes: str) -> tuple[int, dict, str, dict[str, bytes], dict]:
+        store, dest = tmp_path / f"store{processes}", tmp_path / f"dest{processes}"
+        env = {**os.environ, "CASSTORE_DIR": str(store), "CASSTORE_PROCESSES": processes}
+        env["CASSTORE_BACKOFF_MAX"] = "0.01"
+        command = ["fetch", str(listing), "-j", "4", "--dest", str(dest)]
+        out, err = tmp_path / f"out{processes}", tmp_path / f"err{processes}"
+        # With a helper, the batch's first item is held until the helper has
+        # fetched the far end (the 404, the wrong bytes and /f299): it takes part.
+        with Held(origin, "/f0") if processes == "2" else contextlib.nullcontext():
+            with open(out, "wb") as o, open(err, "wb") as e:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "casstore", "--json", *command],
+                    stdout=o,
+                    stderr=e,
+                    env=env,
+                )
+            if processes == "2":
+                _until(lambda: origin.count("/f299") == 2, "the helper")
+        proc.wait(60)
+        doc = json.loads(out.read_bytes())
+        for item in doc["items"]:  # the store's own paths differ by store
+            for key in ("path", "dest"):
+                if item[key]:
+                    item[key] = os.path.relpath(item[key], store if key == "path" else dest)
+        files = {p.name: p.read_bytes() for p in dest.iterdir()}
+        assert_store_consistent(store)
+        db = sqlite3.connect(store / "index.db")
+        try:  # what the index says, not where or when
+            index = {
+                "objects": db.execute("SELECT sha256, size, blake3, md5 FROM objects").fetchall(),
+                "names": db.execute("SELECT name, sha256 FROM names").fetchall(),
+                "sources": db.execute("SELECT url, sha256 FROM sources").fetchall(),
+                "links": [
+                    (os.path.relpath(path, dest), sha)
+                    for path, sha in db.execute("SELECT path, sha256 FROM links")
+                ],
+            }
+        finally:
+            db.close()
+        return (
+            proc.returncode,
+            doc,
+            err.read_text(),
+            files,
+            {k: sorted(v) for k, v in index.items()},
+        )
+
+    alone, helped = fetch("1"), fetch("2")
+    assert helped[0] == alone[0] == 4
+    assert helped[1] == alone[1]
+    assert helped[2].splitlines() == alone[2].splitlines()  # the same messages
+    assert helped[3] == alone[3] and helped[4] == alone[4]
+    assert len(alone[4]["names"]) == 300 and alone[4]["links"]
+    assert origin.count("/gone") == origin.count("/wrong") == 2  # once each way
