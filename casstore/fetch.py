@@ -715,7 +715,6 @@ def _gave_up(exc: _Retry, t: _Transfer) -> DownloadError:
         url=t.shown,
         status=exc.status,
         attempts=t.attempts,
-        transient=True,  # more tries might have done
     )
 
 

@@ -20,10 +20,10 @@ first item of a digest's group that is missing from the store, has a sha256
 and no md5 or mirrors, a name no other item gives (the last one recorded
 wins), and a plain URL the direct lane takes that no digest-less item of the
 batch asks for (a trust-on-first-use warning is the batch's to give).  It
-gets no destinations and no retries: a failure another try would meet too
-(a 404, wrong bytes) is the item's answer; after any other, the batch tries
-again with its own retries.  Its warnings (a wait on another process's lock)
-are passed on for the batch to give.
+gets no destinations; it retries as the batch would, and the error it ends
+with (a 404, wrong bytes, retries spent) is the item's answer, as the
+batch's own would have been.  Its warnings (each retry, a wait on another
+process's lock) are passed on for the batch to give.
 
 The batch runs one worker fewer while it has a helper, so that ``concurrency``
 downloads at most are under way.  A store has at most one helper per spare
@@ -36,8 +36,8 @@ The pipe, after the job (pickled: the items, the store, the options).  Batch
 to helper: ``h LO HI`` (hand out positions LO..HI-1, the highest first),
 ``x I`` (give I back if not begun), ``q`` (nothing more).  Helper to batch:
 ``ready``; ``b I`` (begun); ``c I`` (given back, never begun); ``d I 1`` (in
-the store and indexed); ``d I 0 t WHY`` (failed, worth another try), ``d I 0
-p HEX`` (failed for good: the pickled error), ``d I 0 e`` (its own trouble);
+the store and indexed); ``d I 0 p HEX`` (failed: the pickled DownloadError or
+IntegrityFailure), ``d I 0 e`` (its own trouble: the batch does the item);
 ``w TEXT`` (a warning).
 """
 
@@ -167,8 +167,8 @@ class Share:
         item the helper is fetching is waited for as on its lock, ``patience``
         seconds at most (the lock then decides who fetches it).  True if the
         helper put the group's object in the store and indexed it; the
-        DownloadError or IntegrityFailure it met, if another try would meet it
-        too (a 404, wrong bytes), so that the origin is not asked again."""
+        DownloadError or IntegrityFailure it ended with (after the batch's
+        retries), which is the item's answer."""
         at = self._position.get(group)
         if at is None:
             return False
@@ -194,7 +194,9 @@ class Share:
                     break
                 self._changed.wait(limit - waited)
         if stalled:
-            self._hand_out()  # nothing more: the helper stops after the item in hand
+            # Nothing more: the helper stops after the item in hand, whatever it
+            # still has queued (taken back here).
+            self._write(b"q\n")
         return item.error or item.fetched
 
     def _stalled(self) -> bool:
@@ -278,9 +280,6 @@ class Share:
                     self._out -= 1
                     self._changed.notify_all()
                 if kind == b"d":
-                    if rest[:1] == [b"0"] and rest[1:2] == [b"t"]:
-                        # What the batch would have said of its first try.
-                        log.warning("%s; fetching it again", rest[2].decode(errors="replace"))
                     now = time.monotonic()
                     took, last = now - last, now
                     per = self._per_item
@@ -374,8 +373,10 @@ def serve(job: dict[str, Any]) -> None:
     out_lock = threading.Lock()
 
     def say(data: bytes) -> None:
-        with out_lock:
-            os.write(1, data)  # whole lines, each far below PIPE_BUF
+        with out_lock:  # whole lines, one writer at a time
+            view = memoryview(data)
+            while view:
+                view = view[os.write(1, view) :]
 
     def listen() -> None:
         # os.read, not sys.stdin: a thread blocked in a buffered read holds its
@@ -430,12 +431,8 @@ def serve(job: dict[str, Any]) -> None:
                 try:
                     store.ensure(Request(url=url, sha256=sha256, size=size, name=name))
                     say(b"d %d 1\n" % at)
-                except (DownloadError, IntegrityFailure) as exc:
-                    if getattr(exc, "transient", False):  # the batch tries again, with its retries
-                        why = " ".join(str(exc).split())[:2000].encode(errors="replace")
-                        say(b"d %d 0 t %s\n" % (at, why))
-                    else:  # a 404, wrong bytes: the batch's answer too, without asking again
-                        say(b"d %d 0 p %s\n" % (at, pickle.dumps(exc).hex().encode()))
+                except (DownloadError, IntegrityFailure) as exc:  # the source's: the answer
+                    say(b"d %d 0 p %s\n" % (at, pickle.dumps(exc).hex().encode()))
                 except CasError:  # its own trouble (its index, say): the batch does the item
                     say(b"d %d 0 e\n" % at)
     except BaseException:

@@ -404,7 +404,9 @@ class Store:
         if not spread.wanted(len(items), processes):
             return None
         policy = self._policy()
-        options = dict(retries=0, timeout=policy.timeout, backoff_max=policy.backoff_max)
+        options = dict(
+            retries=policy.retries, timeout=policy.timeout, backoff_max=policy.backoff_max
+        )
         options["headers"] = policy.headers
         # A worker waits for an item the helper is fetching as it would on its
         # lock (not at all with locking off: then both fetch, as any two would).

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from casstore import Request
+from casstore import Request, Store
 from casstore.errors import DownloadError
 from casstore.spread import SPREAD_MIN, wanted
 
@@ -159,10 +159,7 @@ def test_what_a_helper_is_not_handed(store, store_dir, origin):
     assert_store_consistent(store_dir)
 
 
-def test_an_item_the_helper_failed_is_fetched_by_the_batch_with_its_retries(
-    store, store_dir, origin, monkeypatch, caplog
-):
-    monkeypatch.setenv("CASSTORE_BACKOFF_MAX", "0.01")
+def test_the_helper_retries_as_the_batch_would_and_says_so(store, store_dir, origin, caplog):
     items = _items(origin, 6)
     origin.routes["/f5"].fail_first = [503, 503]  # the helper's first item
     with Held(origin, "/f0", "/f1"):
@@ -170,16 +167,35 @@ def test_an_item_the_helper_failed_is_fetched_by_the_batch_with_its_retries(
             lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
         )
         _until(lambda: all(origin.count(f"/f{i}") == 1 for i in (2, 3, 4)), "the helper")
-        assert origin.count("/f5") == 1
+        # All three tries were the helper's, while the batch's workers were held.
+        assert [r.status for r in origin.requests("/f5")] == [503, 503, 200]
     batch.join(60)
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
-    # The helper tried once; the batch, on its own connection, as often as it takes.
-    seen = origin.requests("/f5")
-    assert [r.status for r in seen] == [503, 503, 200]
-    assert seen[0].port != seen[1].port == seen[2].port
-    # What the helper's try met is said, as the batch's own first try would have.
-    (said,) = [r.getMessage() for r in caplog.records if "fetching it again" in r.getMessage()]
-    assert "/f5" in said and "503" in said
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if "/f5" in m and "retry" in m] == [
+        m for m in said if "/f5: HTTP 503 Service Unavailable; retry" in m
+    ]
+    assert sum("/f5: HTTP 503 Service Unavailable; retry" in m for m in said) == 2
+    assert_store_consistent(store_dir)
+
+
+def test_the_error_the_helper_ends_with_is_the_items_answer(store, store_dir, origin, caplog):
+    items = _items(origin, 6)
+    origin.routes["/f5"].fail_first = [503] * 10  # the helper's first item: retries spent
+    origin.routes["/f4"].status = 404
+    with Store(store_dir, retries=1, backoff_max=0.01) as s:
+        with Held(origin, "/f0", "/f1"):
+            batch, out = _in_thread(
+                lambda: s.ensure_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
+            )
+            _until(lambda: origin.count("/f2") == 1, "the helper")
+        batch.join(60)
+    (outcomes,) = out
+    assert isinstance(outcomes[4], DownloadError) and outcomes[4].status == 404
+    assert isinstance(outcomes[5], DownloadError) and outcomes[5].status == 503
+    assert "after 2 attempt(s)" in str(outcomes[5]) and outcomes[5].exit_code == 4
+    assert origin.count("/f4") == 1 and origin.count("/f5") == 2  # not asked again
+    assert [o.path.read_bytes() for o in outcomes[:4]] == [d for _, d in items[:4]]
     assert_store_consistent(store_dir)
 
 
@@ -448,26 +464,6 @@ def test_an_item_the_helper_outlasts_the_wait_for_is_not_fetched_twice(
     batch.join(60)
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
     assert all(origin.count(f"/f{i}") == 1 for i in range(8))
-    assert_store_consistent(store_dir)
-
-
-def test_a_failure_another_try_would_meet_too_is_the_batchs_answer(
-    store, store_dir, origin, caplog
-):
-    items = _items(origin, 6)
-    origin.routes["/f5"].status = 404  # the helper's first item
-    with Held(origin, "/f0", "/f1"):
-        batch, out = _in_thread(
-            lambda: store.ensure_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
-        )
-        _until(lambda: all(origin.count(f"/f{i}") == 1 for i in (2, 3, 4, 5)), "the helper")
-    batch.join(60)
-    (outcomes,) = out
-    assert isinstance(outcomes[5], DownloadError) and outcomes[5].status == 404
-    assert "HTTP 404" in str(outcomes[5]) and outcomes[5].exit_code == 4
-    assert origin.count("/f5") == 1  # not asked again: the same answer would come
-    assert "fetching it again" not in caplog.text
-    assert [o.path.read_bytes() for o in outcomes[:5]] == [d for _, d in items[:5]]
     assert_store_consistent(store_dir)
 
 
