@@ -297,8 +297,8 @@ class Share:
                 callback()
 
     def _hand_out(self) -> None:
-        """Hand the helper what it lacks of its window, from the far end; end
-        its input when there is nothing more and it has finished."""
+        """Hand the helper what it lacks of its window, from the far end; send
+        it ``q`` when there is nothing more and it has finished."""
         per = self._per_item
         window = 2 if per is None else round(WINDOW_SECONDS / max(per, 1e-6))
         window = max(2, min(WINDOW_MAX, window))
