@@ -98,6 +98,12 @@ def _in_thread(fn) -> tuple[threading.Thread, list]:
     return thread, out
 
 
+def _batch(store, items: list[tuple[str, bytes]], concurrency: int = 2):
+    """``get_many`` of ``items`` with a helper, in a thread: (thread, [paths])."""
+    pairs = [(u, sha(d)) for u, d in items]
+    return _in_thread(lambda: store.get_many(pairs, concurrency=concurrency, processes=2))
+
+
 def test_a_helper_fetches_from_the_far_end_while_the_batch_is_held(
     store_dir, origin, tmp_path, caplog
 ):
@@ -163,9 +169,7 @@ def test_the_helper_retries_as_the_batch_would_and_says_so(store, store_dir, ori
     items = _items(origin, 6)
     origin.routes["/f5"].fail_first = [503, 503]  # the helper's first item
     with Held(origin, "/f0", "/f1"):
-        batch, out = _in_thread(
-            lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
-        )
+        batch, out = _batch(store, items)
         _until(lambda: all(origin.count(f"/f{i}") == 1 for i in (2, 3, 4)), "the helper")
         # All three tries were the helper's, while the batch's workers were held.
         assert [r.status for r in origin.requests("/f5")] == [503, 503, 200]
@@ -205,9 +209,7 @@ def test_a_helper_killed_midway_costs_the_batch_nothing_but_its_item(store, stor
     last.gate_after = 1000
     try:
         with Held(origin, "/f0", "/f1"):
-            batch, out = _in_thread(
-                lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
-            )
+            batch, out = _batch(store, items)
             assert last.sent_event.wait(60)
             (helper,) = _helpers()
             os.kill(helper, signal.SIGKILL)
@@ -308,9 +310,7 @@ def test_a_helper_is_one_of_the_batchs_concurrency(store, store_dir, origin, cap
 
     origin._serve = counting
     with Held(origin, "/f0", "/f1"):
-        batch, out = _in_thread(
-            lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=3, processes=2)
-        )
+        batch, out = _batch(store, items, concurrency=3)
         # Two workers are held; the third has begun /f2 and waits for a slot,
         # which the helper has.
         _until(lambda: all(origin.count(f"/f{i}") == 1 for i in range(3, 12)), "the helper")
@@ -327,9 +327,7 @@ def test_an_item_the_helper_has_not_begun_is_taken_back(store, store_dir, origin
     first.gate_after = 1000
     try:
         with Held(origin, "/f0", "/f1"):
-            batch, out = _in_thread(
-                lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
-            )
+            batch, out = _batch(store, items)
             assert first.sent_event.wait(60)
         # The batch comes to /f6 while the helper is held on /f7: it takes /f6 back.
         _until(lambda: origin.count("/f6") == 1, "the batch to fetch /f6")
@@ -398,9 +396,7 @@ def test_a_batch_gets_its_worker_back_when_the_helper_is_gone(store, store_dir, 
     first = origin.routes["/f11"]  # the helper's first item
     first.gate_after, first.gate_once = 1000, True
     with Held(origin, "/f0"):
-        batch, out = _in_thread(
-            lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
-        )
+        batch, out = _batch(store, items)
         assert first.sent_event.wait(60)
         (helper,) = _helpers()
         os.kill(helper, signal.SIGKILL)
@@ -419,9 +415,7 @@ def test_a_stopped_helper_holds_up_only_the_item_it_has_begun(store, store_dir, 
     helper = None
     try:
         with Held(origin, "/f0"):
-            batch, out = _in_thread(
-                lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
-            )
+            batch, out = _batch(store, items)
             assert first.sent_event.wait(60)
             (helper,) = _helpers()
             os.kill(helper, signal.SIGSTOP)
@@ -450,9 +444,7 @@ def test_an_item_the_helper_outlasts_the_wait_for_is_not_fetched_twice(
     first.gate_after = 1000
     try:
         with Held(origin, "/f0", "/f1"):
-            batch, out = _in_thread(
-                lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
-            )
+            batch, out = _batch(store, items)
             assert first.sent_event.wait(60)
 
         def waits() -> int:
@@ -472,9 +464,7 @@ def test_the_helpers_wait_on_another_processs_lock_is_said(store, store_dir, ori
 
     items = _items(origin, 6)
     with Held(origin, "/f0", "/f1"), HeldLock(store.layout, sha(items[5][1])) as other:
-        batch, out = _in_thread(
-            lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
-        )
+        batch, out = _batch(store, items)
         # The helper's first item is another process's: it waits, and the batch says so.
         _until(lambda: "waiting for another process to fetch" in caplog.text, "the message")
         assert "/f5" in caplog.text and origin.count("/f5") == 0
@@ -491,9 +481,7 @@ def test_ctrl_c_is_the_batchs_to_handle_not_the_helpers(store, store_dir, origin
     first.gate_after = 1000
     try:
         with Held(origin, "/f0", "/f1"):
-            batch, out = _in_thread(
-                lambda: store.get_many([(u, sha(d)) for u, d in items], concurrency=2, processes=2)
-            )
+            batch, out = _batch(store, items)
             assert first.sent_event.wait(60)
             (helper,) = _helpers()
             os.kill(helper, signal.SIGINT)  # as a terminal's Ctrl-C reaches the process group
