@@ -187,7 +187,8 @@ class Share:
             while item.state in (_HANDED, _BEGUN) and not self._gone:
                 waited = time.monotonic() - start
                 if item.state == _HANDED and waited >= ANSWER_WITHIN:
-                    stalled = self._stalled()
+                    self._stalled()
+                    stalled = True
                     break
                 limit = ANSWER_WITHIN if item.state == _HANDED else self._patience
                 if waited >= limit:
@@ -199,7 +200,7 @@ class Share:
             self._write(b"q\n")
         return item.error or item.fetched
 
-    def _stalled(self) -> bool:
+    def _stalled(self) -> None:
         """The helper answers nothing (stopped, or starved of CPU): hand it no
         more, and take back all it has not begun (with ``_lock`` held).  If it
         begins one of them after all, that item's lock decides who fetches it."""
@@ -209,7 +210,6 @@ class Share:
                 item.state = _BACK
                 self._out -= 1
         self._changed.notify_all()
-        return True
 
     def when_gone(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the helper is gone (now, if it is)."""
