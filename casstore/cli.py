@@ -359,9 +359,12 @@ def ls_(ctx: _Context, pattern: str | None, order: str) -> None:
     def when(t: float | None) -> str:
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
 
+    # A listing reads names only: sources and links are `info`'s to show.
+    unread = ("sources", "links")
+    summary = [{k: v for k, v in o.as_dict().items() if k not in unread} for o in objs]
     _emit(
         ctx,
-        [o.as_dict() for o in objs],
+        summary,
         "\n".join(
             f"{o.sha256}  {o.size:>12}  {when(o.last_used)}  {' '.join(o.names)}".rstrip()
             for o in objs

@@ -848,6 +848,7 @@ class Store:
     def ls(self, pattern: str | None = None, *, order: str = "sha256") -> list[ObjectInfo]:
         """Indexed objects, optionally those with a name (or sha256) matching the glob
         ``pattern``; ``order`` is "sha256", "size" (largest first) or "used" (latest first).
+        Each has its names; its sources and links are left empty (``info`` has them).
 
         Raises:
             InvalidInput: unknown ``order``.

@@ -42,6 +42,7 @@ def test_ls_info_stats_from_the_command_line(run_cli, store_dir, tmp_path):
     assert [o["sha256"] for o in listed] == [d]
     assert listed[0]["size"] == 3000 and listed[0]["path"].endswith(d)
     assert listed[0]["names"] == ["f.whl"] and listed[0]["last_used"] > 0
+    assert "sources" not in listed[0] and "links" not in listed[0]  # not looked up: info's
     text = run_cli("ls", "--sort", "used").stdout.decode().splitlines()
     # g.bin was put last: the most recent use (link within the same second records none).
     assert len(text) == 2 and text[1].startswith(d) and text[1].endswith("f.whl")
