@@ -405,9 +405,11 @@ class Store:
             return None
         policy = self._policy()
         options = dict(
-            retries=policy.retries, timeout=policy.timeout, backoff_max=policy.backoff_max
+            retries=policy.retries,
+            timeout=policy.timeout,
+            backoff_max=policy.backoff_max,
+            headers=policy.headers,
         )
-        options["headers"] = policy.headers
         # A worker waits for an item the helper is fetching as it would on its
         # lock (not at all with locking off: then both fetch, as any two would).
         share = spread.Share(self.layout, options, items, patience=max(0.0, lock_timeout()))

@@ -91,6 +91,30 @@ class Held:
             route.gate.set()
 
 
+class HelperOn:
+    """The helper's first item, ``path``, held at the origin after its first KB
+    (only the first request for it, with ``once``) until ``let_go`` or the
+    block's end; ``begun()`` waits for the helper to get there, and returns its pid."""
+
+    def __init__(self, origin, path: str, *, once: bool = False) -> None:
+        self.route = origin.routes[path]
+        self.route.gate_after, self.route.gate_once = 1000, once
+
+    def __enter__(self) -> HelperOn:
+        return self
+
+    def begun(self, parent: int | str = "self") -> int:
+        assert self.route.sent_event.wait(60)
+        (helper,) = _helpers(parent)
+        return helper
+
+    def let_go(self) -> None:
+        self.route.gate.set()
+
+    def __exit__(self, *exc: object) -> None:
+        self.let_go()
+
+
 def _in_thread(fn) -> tuple[threading.Thread, list]:
     out: list = []
     thread = threading.Thread(target=lambda: out.append(fn()))
@@ -205,17 +229,11 @@ def test_the_error_the_helper_ends_with_is_the_items_answer(store, store_dir, or
 
 def test_a_helper_killed_midway_costs_the_batch_nothing_but_its_item(store, store_dir, origin):
     items = _items(origin, 8)
-    last = origin.routes["/f7"]  # the helper's first item
-    last.gate_after = 1000
-    try:
-        with Held(origin, "/f0", "/f1"):
-            batch, out = _batch(store, items)
-            assert last.sent_event.wait(60)
-            (helper,) = _helpers()
-            os.kill(helper, signal.SIGKILL)
-            _until(lambda: _gone(helper), "the helper to die")
-    finally:
-        last.gate.set()
+    with HelperOn(origin, "/f7") as first, Held(origin, "/f0", "/f1"):
+        batch, out = _batch(store, items)
+        helper = first.begun()
+        os.kill(helper, signal.SIGKILL)
+        _until(lambda: _gone(helper), "the helper to die")
     batch.join(60)
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
     assert origin.count("/f7") == 2  # the helper's, cut off, and the batch's own
@@ -323,17 +341,13 @@ def test_a_helper_is_one_of_the_batchs_concurrency(store, store_dir, origin, cap
 
 def test_an_item_the_helper_has_not_begun_is_taken_back(store, store_dir, origin):
     items = _items(origin, 8)
-    first = origin.routes["/f7"]  # the helper's first item; the second, /f6, waits behind it
-    first.gate_after = 1000
-    try:
+    with HelperOn(origin, "/f7") as first:  # the second item, /f6, waits behind it
         with Held(origin, "/f0", "/f1"):
             batch, out = _batch(store, items)
-            assert first.sent_event.wait(60)
+            first.begun()
         # The batch comes to /f6 while the helper is held on /f7: it takes /f6 back.
         _until(lambda: origin.count("/f6") == 1, "the batch to fetch /f6")
         assert origin.count("/f7") == 1
-    finally:
-        first.gate.set()
     batch.join(60)
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
     assert all(origin.count(f"/f{i}") == 1 for i in range(8))
@@ -344,7 +358,7 @@ def test_a_forked_child_does_not_keep_a_helper_alive(store_dir, origin, tmp_path
     """A child forked from a batch (a multiprocessing worker) keeps no copy of the
     helper's input: the helper still stops when its batch dies."""
     items = _items(origin, 40)
-    origin.routes["/f39"].gate_after = 1000  # the helper's first item
+    first = HelperOn(origin, "/f39")
     code = (
         "import json, os, sys\n"
         "from casstore import Store\n"
@@ -370,14 +384,13 @@ def test_a_forked_child_does_not_keep_a_helper_alive(store_dir, origin, tmp_path
             [sys.executable, "-c", code, str(store_dir), listing, str(pid_file)], cwd=ROOT
         )
         try:
-            assert origin.routes["/f39"].sent_event.wait(60)
+            helper = first.begun(batch.pid)
             _until(lambda: pid_file.exists() and pid_file.read_text(), "the forked child")
             child = int(pid_file.read_text())
-            (helper,) = _helpers(batch.pid)
             batch.kill()
             batch.wait(30)
         finally:
-            origin.routes["/f39"].gate.set()
+            first.let_go()
             if batch.poll() is None:
                 batch.kill()
                 batch.wait()
@@ -393,13 +406,9 @@ def test_a_forked_child_does_not_keep_a_helper_alive(store_dir, origin, tmp_path
 
 def test_a_batch_gets_its_worker_back_when_the_helper_is_gone(store, store_dir, origin):
     items = _items(origin, 12)
-    first = origin.routes["/f11"]  # the helper's first item
-    first.gate_after, first.gate_once = 1000, True
-    with Held(origin, "/f0"):
+    with HelperOn(origin, "/f11", once=True) as first, Held(origin, "/f0"):
         batch, out = _batch(store, items)
-        assert first.sent_event.wait(60)
-        (helper,) = _helpers()
-        os.kill(helper, signal.SIGKILL)
+        os.kill(first.begun(), signal.SIGKILL)
         # One worker is held on /f0; the other, idle while the helper lived, does the rest.
         _until(lambda: all(origin.count(f"/f{i}") == 1 for i in range(1, 11)), "the batch")
         _until(lambda: origin.count("/f11") == 2, "the batch to fetch /f11 again")
@@ -410,22 +419,19 @@ def test_a_batch_gets_its_worker_back_when_the_helper_is_gone(store, store_dir, 
 
 def test_a_stopped_helper_holds_up_only_the_item_it_has_begun(store, store_dir, origin):
     items = _items(origin, 12)
-    first = origin.routes["/f11"]  # the helper's first item; /f10 was handed with it
-    first.gate_after = 1000
     helper = None
-    try:
-        with Held(origin, "/f0"):
-            batch, out = _batch(store, items)
-            assert first.sent_event.wait(60)
-            (helper,) = _helpers()
-            os.kill(helper, signal.SIGSTOP)
-        # The batch asks for /f10 back, hears nothing, and fetches it itself.
-        _until(lambda: origin.count("/f10") == 1, "the batch to fetch /f10")
-        assert origin.count("/f11") == 1
-    finally:
-        if helper is not None:
-            os.kill(helper, signal.SIGCONT)
-        first.gate.set()
+    with HelperOn(origin, "/f11") as first:  # /f10 was handed with it
+        try:
+            with Held(origin, "/f0"):
+                batch, out = _batch(store, items)
+                helper = first.begun()
+                os.kill(helper, signal.SIGSTOP)
+            # The batch asks for /f10 back, hears nothing, and fetches it itself.
+            _until(lambda: origin.count("/f10") == 1, "the batch to fetch /f10")
+            assert origin.count("/f11") == 1
+        finally:
+            if helper is not None:
+                os.kill(helper, signal.SIGCONT)
     batch.join(60)
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
     assert all(origin.count(f"/f{i}") == 1 for i in range(12))
@@ -440,19 +446,15 @@ def test_an_item_the_helper_outlasts_the_wait_for_is_not_fetched_twice(
     come before the helper is stopped, so the helper's fetch is not lost."""
     monkeypatch.setenv("CASSTORE_LOCK_TIMEOUT", "3")
     items = _items(origin, 8)
-    first = origin.routes["/f7"]  # the helper's first item
-    first.gate_after = 1000
-    try:
+
+    def waits() -> int:
+        return sum("waiting for another process" in r.getMessage() for r in caplog.records)
+
+    with HelperOn(origin, "/f7") as first:
         with Held(origin, "/f0", "/f1"):
             batch, out = _batch(store, items)
-            assert first.sent_event.wait(60)
-
-        def waits() -> int:
-            return sum("waiting for another process" in r.getMessage() for r in caplog.records)
-
+            first.begun()
         _until(lambda: waits() >= 1, "the put-off item's wait on the helper's lock")
-    finally:
-        first.gate.set()
     batch.join(60)
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
     assert all(origin.count(f"/f{i}") == 1 for i in range(8))
@@ -477,19 +479,13 @@ def test_the_helpers_wait_on_another_processs_lock_is_said(store, store_dir, ori
 
 def test_ctrl_c_is_the_batchs_to_handle_not_the_helpers(store, store_dir, origin):
     items = _items(origin, 8)
-    first = origin.routes["/f7"]  # the helper's first item
-    first.gate_after = 1000
-    try:
-        with Held(origin, "/f0", "/f1"):
-            batch, out = _batch(store, items)
-            assert first.sent_event.wait(60)
-            (helper,) = _helpers()
-            os.kill(helper, signal.SIGINT)  # as a terminal's Ctrl-C reaches the process group
-            first.gate.set()
-            _until(lambda: origin.count("/f6") == 1, "the helper to go on")
-            assert not _gone(helper)
-    finally:
-        first.gate.set()
+    with HelperOn(origin, "/f7") as first, Held(origin, "/f0", "/f1"):
+        batch, out = _batch(store, items)
+        helper = first.begun()
+        os.kill(helper, signal.SIGINT)  # as a terminal's Ctrl-C reaches the process group
+        first.let_go()
+        _until(lambda: origin.count("/f6") == 1, "the helper to go on")
+        assert not _gone(helper)
     batch.join(60)
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
     assert all(origin.count(f"/f{i}") == 1 for i in range(8))
