@@ -35,8 +35,8 @@ the batch kills it once every item it was handed is reported or taken back.
 The pipe, after the job (pickled: the items, the store, the options).  Batch
 to helper: ``h LO HI`` (hand out positions LO..HI-1, the highest first),
 ``x I`` (give I back if not begun), ``q`` (nothing more).  Helper to batch:
-``ready``; ``b I`` (begun); ``c I`` (given back, never begun); ``d I 1`` (in
-the store and indexed); ``d I 0 p HEX`` (failed: the pickled DownloadError or
+``ready``; ``b I`` (begun); ``c I`` (given back, never begun); ``d I 1 SIZE``
+(in the store and indexed); ``d I 0 p HEX`` (failed: the pickled DownloadError or
 IntegrityFailure), ``d I 0 e`` (its own trouble: the batch does the item);
 ``w TEXT`` (a warning).
 """
@@ -130,6 +130,8 @@ class Share:
         self._write_lock = threading.Lock()
         self._patience = patience
         self._on_gone: list[Callable[[], None]] = []
+        # Called with each object's size as the helper reports it (from the talk thread).
+        self.on_fetched: Callable[[int], None] | None = None
         self._per_item: float | None = None
         self._gone = False
         self.proc: subprocess.Popen[bytes] | None = None
@@ -160,7 +162,7 @@ class Share:
         self._thread = threading.Thread(target=self._talk, name="casstore-spread", daemon=True)
         self._thread.start()
 
-    def take(self, group: int) -> bool | Exception:
+    def take(self, group: int, on_wait: Callable[[], None] | None = None) -> bool | Exception:
         """Return once the batch may serve ``group``: at once if the helper was
         not handed it (and from now on never will be); if it was, once the
         helper gives it back unbegun, or has reported it, or is gone.  An
@@ -168,7 +170,8 @@ class Share:
         seconds at most (the lock then decides who fetches it).  True if the
         helper put the group's object in the store and indexed it; the
         DownloadError or IntegrityFailure it ended with (after the batch's
-        retries), which is the item's answer."""
+        retries), which is the item's answer.  ``on_wait()`` is called first
+        if it waits."""
         at = self._position.get(group)
         if at is None:
             return False
@@ -179,6 +182,9 @@ class Share:
                 return False
             ask_back = item.state == _HANDED and not item.asked_back and not self._gone
             item.asked_back = True
+            waits = item.state in (_HANDED, _BEGUN) and not self._gone
+        if waits and on_wait is not None:
+            on_wait()
         if ask_back:
             self._write(b"x %d\n" % at)
         start = time.monotonic()
@@ -275,10 +281,13 @@ class Share:
                         continue  # taken back while the helper stalled: the batch's now
                     item.state = _DONE if kind == b"d" else _BACK
                     item.fetched = kind == b"d" and rest[:1] == [b"1"]
+                    size = int(rest[1]) if item.fetched else 0
                     if rest[:1] == [b"0"] and rest[1:2] == [b"p"]:
                         item.error = _failure(rest[2])
                     self._out -= 1
                     self._changed.notify_all()
+                if item.fetched and self.on_fetched is not None:
+                    self.on_fetched(size)
                 if kind == b"d":
                     now = time.monotonic()
                     took, last = now - last, now
@@ -429,8 +438,8 @@ def serve(job: dict[str, Any]) -> None:
                     say(b"b %d\n" % at)
                 url, sha256, size, name = items[at]
                 try:
-                    store.ensure(Request(url=url, sha256=sha256, size=size, name=name))
-                    say(b"d %d 1\n" % at)
+                    got = store.ensure(Request(url=url, sha256=sha256, size=size, name=name))
+                    say(b"d %d 1 %d\n" % (at, got.size))
                 except (DownloadError, IntegrityFailure) as exc:  # the source's: the answer
                     say(b"d %d 0 p %s\n" % (at, pickle.dumps(exc).hex().encode()))
                 except CasError:  # its own trouble (its index, say): the batch does the item

@@ -604,8 +604,6 @@ class Store:
         Raises:
             InvalidInput: a malformed request, before anything is downloaded.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
         from .batch import GroupCommit
         from .throttle import Slot, Throttle
 
@@ -619,25 +617,19 @@ class Store:
         put_off: list[tuple[list[int], Failed]] = []
         put_off_lock = threading.Lock()
 
-        def run_group(
-            indices: list[int],
-            failed: Failed,
-            committer: GroupCommit | None,
-            throttle: Throttle,
-            share: Share | None,
-        ) -> None:
-            # A group handed to the helper: once it is done with it.
-            fetched = share is not None and committer is not None and share.take(indices[0])
-            with throttle.slot() as slot:
-                serve_group(indices, failed, committer, slot, fetched)
-
         def serve_group(
             indices: list[int],
             failed: Failed,
             committer: GroupCommit | None,
             slot: Slot,
-            fetched: bool | Exception = False,
+            share: Share | None,
         ) -> None:
+            fetched: bool | Exception = False
+            if share is not None and committer is not None:
+                # Handed to the helper: once it is done with it (another worker
+                # may download meanwhile).
+                fetched = share.take(indices[0], on_wait=slot.release)
+                slot.hold()
             for n, i in enumerate(indices):
                 req = reqs[i]
                 sources = (req.url, *req.mirrors)
@@ -650,6 +642,7 @@ class Store:
                             raise fetched  # the helper's try met what ours would: not asked again
                         if n == 0 and fetched:  # by the helper, with this request's name
                             outcome = self._delivered(req, mode, committer)
+                            slot.counts = False  # counted as the helper reported it
                         else:
                             outcome = self._ensure_retrying(req, mode, committer)
                     except (DownloadError, IntegrityFailure) as exc:
@@ -659,7 +652,7 @@ class Store:
                     if outcome is None:  # another process holds its lock
                         with put_off_lock:
                             put_off.append((indices[n:], failed))
-                        slot.counts = n > 0  # a put-off first item fetched nothing
+                        slot.counts = slot.counts and n > 0  # a put-off first item fetched nothing
                         return
                 results[i] = outcome
                 if n == 0 and isinstance(outcome, Artifact):
@@ -678,12 +671,10 @@ class Store:
             throttle = Throttle(workers - 1 if share is not None else workers)
             if share is not None:
                 share.when_gone(lambda: throttle.set_ceiling(workers))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casstore") as pool:
-                futures = [
-                    pool.submit(run_group, g, f, committer, throttle, share) for g, f in jobs
-                ]
-                for future in futures:
-                    future.result()
+                share.on_fetched = throttle.count
+            throttle.run(
+                jobs, lambda job, slot: serve_group(*job, committer, slot, share), threads=workers
+            )
 
         if reqs:
             jobs: list[tuple[list[int], Failed]] = [(g, {}) for g in groups.values()]

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from casstore import InvalidInput
+from casstore.ingest import parse_temp_name
 from casstore.lists import parse_explicit_lines, parse_lines, requests_for
 
 from .conftest import assert_store_consistent, blob, sha
@@ -233,3 +234,72 @@ def test_a_url_file_name_that_would_leave_dest_is_refused(
     assert "unsafe file name" in r.stderr.decode()
     assert not (tmp_path / "escaped.txt").exists() and not dest.exists()
     assert origin.requests() == []
+
+
+def _held_fetch(store_dir, origin, tmp_path, n: int):
+    """A ``fetch -j 2`` of ``n`` items whose bodies the origin holds, once both
+    workers are held there: (process, items by path)."""
+    items = {f"/c{i}.bin": blob(5000 + i, seed=900 + i) for i in range(n)}
+    lines = [f"{origin.add(p, data, gate_after=0)}#{sha(data)}" for p, data in items.items()]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "CASSTORE_DIR": str(store_dir), "CASSTORE_PROCESSES": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "casstore", "fetch", str(listing), "-j", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while len(origin.requests()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    return proc, items
+
+
+def test_ctrl_c_stops_a_fetch_after_the_downloads_under_way(store_dir, origin, tmp_path):
+    import signal
+
+    proc, items = _held_fetch(store_dir, origin, tmp_path, 40)
+    try:
+        proc.send_signal(signal.SIGINT)
+        said = proc.stderr.readline().decode()
+        assert "stopping: waiting for 2 download(s) under way" in said, said
+        for path in items:
+            origin.routes[path].gate.set()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, err.decode().strip()) == (1, "casstore: aborted")
+    # The two under way finished and are stored; nothing else was asked for.
+    held = [seen.path for seen in origin.requests()]
+    assert len(held) == 2, held
+    for path in held:
+        digest = sha(items[path])
+        assert (store_dir / "sha256" / digest[:2] / digest[2:4] / digest).is_file()
+    assert_store_consistent(store_dir)
+
+
+def test_a_second_ctrl_c_leaves_at_once(store_dir, origin, tmp_path):
+    import signal
+
+    proc, items = _held_fetch(store_dir, origin, tmp_path, 10)
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert "stopping" in proc.stderr.readline().decode()
+        proc.send_signal(signal.SIGINT)  # the origin still holds both downloads
+        _, err = proc.communicate(timeout=60)
+    finally:
+        for path in items:
+            origin.routes[path].gate.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, err.decode().strip()) == (1, "casstore: aborted")
+    assert len(origin.requests()) == 2
+    # What the two left is a dead writer's temps each, gc's to sweep, as after a kill.
+    temps = os.listdir(store_dir / "tmp")
+    assert len(temps) == 2 and all(parse_temp_name(t)[1] == proc.pid for t in temps), temps
+    assert_store_consistent(store_dir, allow_temps=True)
