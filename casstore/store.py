@@ -668,7 +668,7 @@ class Store:
             workers = max(1, min(concurrency, len(jobs)))
             # A helper is one of the ``concurrency``: one worker fewer while it lives
             # (it may outlive the first run: an item that outlasted the wait for it).
-            throttle = Throttle(workers - 1 if share is not None else workers)
+            throttle = Throttle(workers - 1 if share is not None else workers, jobs=len(jobs))
             if share is not None:
                 share.when_gone(lambda: throttle.set_ceiling(workers))
                 share.on_fetched = throttle.count

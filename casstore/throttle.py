@@ -11,12 +11,15 @@ slowly than a plain serial loop.
 So workers take a slot per download, and the number of slots follows what
 the batch measures, window by window.  While the process keeps a CPU core
 busy, it tries fewer slots for a window, and keeps them unless the rate
-(downloads and bytes per second) drops: the first time as few as its CPU use
-suggests, right after the first downloads (a batch of 1,000 small files
-lasts half a second; halving from eight took three of its 0.1 s windows),
-then half as many.  While it does not, the workers wait on the network or
-the disk, and below the ceiling it tries twice as many, kept only if the
-rate rises.  A trial that fails is undone, the next one goes the other way
+(downloads and bytes per second) drops, half as many each time.  A long
+batch (256 downloads or more) starts sooner: its first trial comes right
+after its first downloads, as few as its CPU use suggests (1,000 small
+files last half a second, and halving from eight took three of its 0.1 s
+windows).  A short one measures a whole window first (its first pays for
+new connections), since a wrong trial would cost it a larger share of its
+time: 40 conda packages of up to 20 MB were 10% slower.  While the process
+does not keep a core busy, the workers wait on the network or the disk, and
+below the ceiling it tries twice as many, kept only if the rate rises.  A trial that fails is undone, the next one goes the other way
 where it can, and it waits twice as long.  A batch on a slow origin thus
 never tries fewer workers, and one that moves from small files to large
 ones (or to a slower mirror) climbs back.  A wrong guess costs one window's
@@ -49,6 +52,8 @@ KEEP_FEWER = 0.95
 KEEP_MORE = 1.1
 # Windows between trials; doubled after each trial that failed.
 FIRST_PAUSE = 2
+# A batch of at least this many downloads decides from its first ones.
+LONG_BATCH = 256
 # CPU cores a process keeps busy (all its threads) from which fewer workers
 # may help: below it they mostly wait on the network or the disk.
 BUSY = 0.7
@@ -92,10 +97,16 @@ class Throttle:
         self,
         ceiling: int,
         *,
+        jobs: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         cpu: Callable[[], float] = time.process_time,
     ) -> None:
         self.ceiling = max(1, ceiling)
+        # A long batch (or one of unknown length) decides from its first
+        # downloads, its first trial a guess; in a short one a wrong trial
+        # would cost a large share of its time: it measures a window first,
+        # and halves.
+        self._quick = jobs is None or jobs >= LONG_BATCH
         self.limit = self.ceiling
         self._clock = clock
         self._cpu = cpu
@@ -106,7 +117,8 @@ class Throttle:
         self._downloads = 0
         self._bytes = 0
         self._decided = False  # whether a window has ended
-        self._guessed = False  # whether the first trial of fewer (a guess, not a halving) ran
+        # Whether the first trial of fewer (a guess, not a halving) is behind it.
+        self._guessed = not self._quick
         # While a trial runs: the limit it started from and that limit's rates.
         self._trial_from: tuple[int, tuple[float, float]] | None = None
         self._up = False  # whether the next trial is of more workers, where both may be
@@ -222,17 +234,19 @@ class Throttle:
         elapsed = now - self._window_start
         if self._downloads < max(WINDOW_DOWNLOADS, 2 * self.limit) or elapsed <= 0:
             return
-        if elapsed < WINDOW_SECONDS and self._decided:
-            # The first window ends on its downloads alone: about two per worker
-            # (each has its connection by then) start the first trial sooner.
+        if elapsed < WINDOW_SECONDS and (self._decided or not self._quick):
+            # A quick batch's first window ends on its downloads alone: about
+            # two per worker (each has its connection by then).
             return
         cpu = self._cpu()
         rates = (self._downloads / elapsed, self._bytes / elapsed)
         busy = (cpu - self._window_cpu) / elapsed
         self._window_start, self._window_cpu, self._downloads, self._bytes = now, cpu, 0, 0
-        # The first window pays for new connections too: its low rates make a
+        first, self._decided = not self._decided, True
+        if first and not self._quick:
+            return  # it paid for new connections: not a measure
+        # A quick batch's first window pays for them too: its low rates make a
         # trial of fewer easier to keep, which is what a busy batch needs.
-        self._decided = True
         limit = self.limit
         self.decide(rates, busy)
         if self.limit != limit:

@@ -223,3 +223,26 @@ def test_downloads_counted_for_the_batch_end_its_windows_too():
     cpu[0] += 0.011
     throttle.count(4096)
     assert throttle.limit == 1  # the first window is busy: the first guess
+
+
+def test_a_short_batch_measures_a_window_first_and_halves():
+    # 40 large downloads: a wrong first trial would cost a large share of the batch.
+    now, cpu = [0.0], [0.0]
+    throttle = Throttle(8, jobs=40, clock=lambda: now[0], cpu=lambda: cpu[0])
+
+    def downloads(n: int, seconds: float) -> None:
+        for _ in range(n):
+            now[0] += seconds / n
+            cpu[0] += 1.2 * seconds / n  # busy: hashing on more than one core
+            throttle.count(10 << 20)
+
+    downloads(16, 0.05)
+    assert throttle.limit == 8  # the first window lasts its 0.1 s
+    downloads(16, 0.06)
+    assert throttle.limit == 8  # and is not a measure
+    downloads(16, 0.11)
+    assert throttle.limit == 4  # the first trial halves; a long batch would guess 1
+    long = Throttle(8, jobs=1000, clock=lambda: now[0], cpu=lambda: cpu[0])
+    throttle = long
+    downloads(16, 0.05)
+    assert long.limit == 1
