@@ -206,6 +206,12 @@ class Share:
             self._write(b"q\n")
         return item.error or item.fetched
 
+    def stop(self) -> None:
+        """The batch is stopping: the helper ends after the item in hand."""
+        with self._lock:
+            self._free = 0
+        self._write(b"q\n")
+
     def _stalled(self) -> None:
         """The helper answers nothing (stopped, or starved of CPU): hand it no
         more, and take back all it has not begun (with ``_lock`` held).  If it

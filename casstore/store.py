@@ -673,7 +673,10 @@ class Store:
                 share.when_gone(lambda: throttle.set_ceiling(workers))
                 share.on_fetched = throttle.count
             throttle.run(
-                jobs, lambda job, slot: serve_group(*job, committer, slot, share), threads=workers
+                jobs,
+                lambda job, slot: serve_group(*job, committer, slot, share),
+                threads=workers,
+                on_stop=share.stop if share is not None else None,
             )
 
         if reqs:

@@ -19,8 +19,9 @@ windows).  A short one measures a whole window first (its first pays for
 new connections), since a wrong trial would cost it a larger share of its
 time: 40 conda packages of up to 20 MB were 10% slower.  While the process
 does not keep a core busy, the workers wait on the network or the disk, and
-below the ceiling it tries twice as many, kept only if the rate rises.  A trial that fails is undone, the next one goes the other way
-where it can, and it waits twice as long.  A batch on a slow origin thus
+below the ceiling it tries twice as many, kept only if the rate rises.  A
+trial that fails is undone, the next one goes the other way where it can,
+and it waits twice as long.  A batch on a slow origin thus
 never tries fewer workers, and one that moves from small files to large
 ones (or to a slower mirror) climbs back.  A wrong guess costs one window's
 speed, never correctness.  The downloads of the batch's helper process
@@ -135,7 +136,14 @@ class Throttle:
             self.limit = self.ceiling if at_top else min(self.limit, self.ceiling)
             self._cond.notify_all()
 
-    def run(self, jobs: Iterable[T], serve: Callable[[T, Slot], None], *, threads: int) -> None:
+    def run(
+        self,
+        jobs: Iterable[T],
+        serve: Callable[[T, Slot], None],
+        *,
+        threads: int,
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
         """``serve(job, slot)`` each job, in order, on up to ``threads`` threads, at
         most ``limit`` of them at once; return once all are served.
 
@@ -144,11 +152,15 @@ class Throttle:
         has it released.
 
         An exception from ``serve`` (or a KeyboardInterrupt here) stops the
-        jobs not yet begun; those under way finish (a second interrupt does
-        not wait for them), then it is raised here.
+        jobs not yet begun (and calls ``on_stop``); those under way finish (a
+        second interrupt does not wait for them), then it is raised here.
         """
         todo = deque(jobs)
         errors: list[BaseException] = []
+        # Threads started and not ended, and those serving a job, under _cond.
+        # Waited for on _cond, not joined: before Python 3.13 a join that an
+        # interrupt cut short marks the thread ended while it still runs.
+        live, serving = [0], [0]
 
         def work() -> None:
             slot = Slot(self)
@@ -167,8 +179,13 @@ class Throttle:
                         if not todo:
                             return
                         job = todo.popleft()
+                        serving[0] += 1
                     slot.bytes, slot.counts = 0, True
-                    serve(job, slot)
+                    try:
+                        serve(job, slot)
+                    finally:
+                        with self._cond:
+                            serving[0] -= 1
                     slot.hold()
                     with self._cond:
                         if slot.counts:
@@ -183,29 +200,39 @@ class Throttle:
                 with self._cond:
                     if slot._held:
                         self._running -= 1
+                    live[0] -= 1
                     self._cond.notify_all()  # the jobs may have run out: parked threads end
 
-        workers = [
-            threading.Thread(target=work, name=f"casstore-{k}", daemon=True)
-            for k in range(max(1, threads))
-        ]
-        for worker in workers:
-            worker.start()
+        def wait() -> None:
+            with self._cond:
+                while live[0]:
+                    self._cond.wait()
+
         try:
-            for worker in workers:
-                worker.join()
+            for k in range(max(1, threads)):
+                worker = threading.Thread(target=work, name=f"casstore-{k}", daemon=True)
+                with self._cond:
+                    live[0] += 1
+                try:
+                    worker.start()
+                except BaseException:
+                    with self._cond:
+                        live[0] -= 1
+                    raise
+            wait()
         except BaseException:
             with self._cond:
                 todo.clear()
                 self._cond.notify_all()
-                running = self._running
-            if running:
+                under_way = serving[0]
+            if on_stop is not None:
+                on_stop()
+            if under_way:
                 log.warning(
                     "stopping: waiting for %d download(s) under way (interrupt again to leave now)",
-                    running,
+                    under_way,
                 )
-            for worker in workers:
-                worker.join()
+            wait()
             raise
         if errors:
             raise errors[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -236,35 +237,37 @@ def test_a_url_file_name_that_would_leave_dest_is_refused(
     assert origin.requests() == []
 
 
-def _held_fetch(store_dir, origin, tmp_path, n: int):
-    """A ``fetch -j 2`` of ``n`` items whose bodies the origin holds, once both
-    workers are held there: (process, items by path)."""
+def _held_fetch(store_dir, origin, tmp_path, n: int, *, jobs: int = 2, processes: int = 1):
+    """A ``fetch -j JOBS`` of ``n`` items whose bodies the origin holds, once
+    ``jobs`` downloads are held there: (process, items by path)."""
     items = {f"/c{i}.bin": blob(5000 + i, seed=900 + i) for i in range(n)}
     lines = [f"{origin.add(p, data, gate_after=0)}#{sha(data)}" for p, data in items.items()]
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(lines) + "\n")
-    env = {**os.environ, "CASSTORE_DIR": str(store_dir), "CASSTORE_PROCESSES": "1"}
+    env = {**os.environ, "CASSTORE_DIR": str(store_dir), "CASSTORE_PROCESSES": str(processes)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "casstore", "fetch", str(listing), "-j", "2"],
+        [sys.executable, "-m", "casstore", "fetch", str(listing), "-j", str(jobs)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        # Python raises KeyboardInterrupt only if SIGINT was not ignored when it
+        # started, as it is in a background job of a non-interactive shell.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
-    while len(origin.requests()) < 2:
+    while len(origin.requests()) < jobs:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     return proc, items
 
 
-def test_ctrl_c_stops_a_fetch_after_the_downloads_under_way(store_dir, origin, tmp_path):
-    import signal
-
-    proc, items = _held_fetch(store_dir, origin, tmp_path, 40)
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_ctrl_c_stops_a_fetch_after_the_downloads_under_way(jobs, store_dir, origin, tmp_path):
+    proc, items = _held_fetch(store_dir, origin, tmp_path, 40, jobs=jobs)
     try:
         proc.send_signal(signal.SIGINT)
         said = proc.stderr.readline().decode()
-        assert "stopping: waiting for 2 download(s) under way" in said, said
+        assert f"stopping: waiting for {jobs} download(s) under way" in said, said
         for path in items:
             origin.routes[path].gate.set()
         _, err = proc.communicate(timeout=60)
@@ -273,18 +276,36 @@ def test_ctrl_c_stops_a_fetch_after_the_downloads_under_way(store_dir, origin, t
             proc.kill()
             proc.wait()
     assert (proc.returncode, err.decode().strip()) == (1, "casstore: aborted")
-    # The two under way finished and are stored; nothing else was asked for.
+    # Those under way finished and are stored; nothing else was asked for.
     held = [seen.path for seen in origin.requests()]
-    assert len(held) == 2, held
+    assert len(held) == jobs, held
     for path in held:
         digest = sha(items[path])
         assert (store_dir / "sha256" / digest[:2] / digest[2:4] / digest).is_file()
     assert_store_consistent(store_dir)
 
 
-def test_a_second_ctrl_c_leaves_at_once(store_dir, origin, tmp_path):
-    import signal
+def test_ctrl_c_stops_a_batchs_helper_after_its_item_in_hand(store_dir, origin, tmp_path):
+    # One batch worker and the helper, each held on its first item.
+    proc, items = _held_fetch(store_dir, origin, tmp_path, 300, jobs=2, processes=2)
+    try:
+        assert sorted(seen.path for seen in origin.requests()) == ["/c0.bin", "/c299.bin"]
+        proc.send_signal(signal.SIGINT)
+        said = proc.stderr.readline().decode()
+        assert "stopping: waiting for 1 download(s) under way" in said, said  # the batch's own
+        for path in items:
+            origin.routes[path].gate.set()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, err.decode().strip()) == (1, "casstore: aborted")
+    assert sorted(seen.path for seen in origin.requests()) == ["/c0.bin", "/c299.bin"]
+    assert_store_consistent(store_dir, allow_temps=True)  # the helper may be killed mid-item
 
+
+def test_a_second_ctrl_c_leaves_at_once(store_dir, origin, tmp_path):
     proc, items = _held_fetch(store_dir, origin, tmp_path, 10)
     try:
         proc.send_signal(signal.SIGINT)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import pytest
 
@@ -127,10 +128,13 @@ def test_slots_admit_at_most_the_limit_and_follow_it_down():
     assert most == {"before": 3, "after": 1}
 
 
-def test_a_worker_keeps_its_slot_from_job_to_job():
+def test_a_worker_keeps_its_slot_from_job_to_job(monkeypatch):
     # Handing the slot over would wake another thread for every job.
     throttle = Throttle(1, clock=lambda: 0.0, cpu=lambda: 0.0)
     served: list[tuple[int, str]] = []
+    handed_over = []
+    leave = Throttle._leave
+    monkeypatch.setattr(Throttle, "_leave", lambda self: handed_over.append(1) or leave(self))
 
     def serve(job: int, slot) -> None:
         served.append((job, threading.current_thread().name))
@@ -138,6 +142,29 @@ def test_a_worker_keeps_its_slot_from_job_to_job():
     throttle.run(range(50), serve, threads=4)
     assert [job for job, _ in served] == list(range(50))
     assert len({name for _, name in served}) == 1
+    assert handed_over == []
+
+
+def test_a_limit_raised_after_a_job_wakes_the_parked_workers():
+    now = [0.0]
+    throttle = Throttle(4, clock=lambda: now[0], cpu=lambda: now[0])
+    throttle.decide((10.0, 40960.0), 1.0)  # busy: a trial of one worker
+    assert throttle.limit == 1
+    both = threading.Barrier(2, timeout=10)
+
+    def serve(job: int, slot) -> None:
+        if job == 0:  # once the other three are parked, waiting for a slot
+            deadline = time.monotonic() + 30
+            while len(throttle._cond._waiters) < 3:  # type: ignore[attr-defined]
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+        if job < 8:
+            now[0] += 0.2  # a slow window at one worker: the trial is undone, back to 4
+        else:
+            both.wait()  # two jobs at once, or this times out
+
+    throttle.run(range(10), serve, threads=4)
+    assert throttle.limit == 4
 
 
 def test_a_released_slot_lets_another_worker_run_meanwhile():
