@@ -21,12 +21,12 @@ time: 40 conda packages of up to 20 MB were 10% slower.  While the process
 does not keep a core busy, the workers wait on the network or the disk, and
 below the ceiling it tries twice as many, kept only if the rate rises.  A
 trial that fails is undone, the next one goes the other way where it can,
-and it waits twice as long.  A batch on a slow origin thus
-never tries fewer workers, and one that moves from small files to large
-ones (or to a slower mirror) climbs back.  A wrong guess costs one window's
-speed, never correctness.  The downloads of the batch's helper process
-(spread.py) count in its rate: the batch's own workers taking a core from
-the helper would otherwise look faster.
+and it waits twice as long.  A batch on a slow origin thus never tries
+fewer workers, and one that moves from small files to large ones (or to a
+slower mirror) climbs back.  A wrong guess costs one window's speed, never
+correctness.  The downloads of the batch's helper process (spread.py)
+count in its rate: the batch's own workers taking a core from the helper
+would otherwise look faster.
 
 A worker keeps its slot from one download to the next (``Throttle.run``):
 handing it to a waiting thread each time cost a thread switch and a pass of
