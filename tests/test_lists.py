@@ -261,21 +261,34 @@ def _held_fetch(store_dir, origin, tmp_path, n: int, *, jobs: int = 2, processes
     return proc, items
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_ctrl_c_stops_a_fetch_after_the_downloads_under_way(jobs, store_dir, origin, tmp_path):
-    proc, items = _held_fetch(store_dir, origin, tmp_path, 40, jobs=jobs)
+def _ctrl_c(proc, origin, items, *, twice: bool = False) -> tuple[str, str]:
+    """Ctrl-C (SIGINT) to a held fetch, and with ``twice`` a second one once it
+    has said it is stopping, before the origin lets the held downloads go:
+    (its first stderr line, the rest) once it has exited."""
     try:
         proc.send_signal(signal.SIGINT)
         said = proc.stderr.readline().decode()
-        assert f"stopping: waiting for {jobs} download(s) under way" in said, said
-        for path in items:
-            origin.routes[path].gate.set()
+        if twice:
+            proc.send_signal(signal.SIGINT)
+        else:
+            for path in items:
+                origin.routes[path].gate.set()
         _, err = proc.communicate(timeout=60)
     finally:
+        for path in items:
+            origin.routes[path].gate.set()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert (proc.returncode, err.decode().strip()) == (1, "casstore: aborted")
+    return said, err.decode().strip()
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_ctrl_c_stops_a_fetch_after_the_downloads_under_way(jobs, store_dir, origin, tmp_path):
+    proc, items = _held_fetch(store_dir, origin, tmp_path, 40, jobs=jobs)
+    said, err = _ctrl_c(proc, origin, items)
+    assert f"stopping: waiting for {jobs} download(s) under way" in said, said
+    assert (proc.returncode, err) == (1, "casstore: aborted")
     # Those under way finished and are stored; nothing else was asked for.
     held = [seen.path for seen in origin.requests()]
     assert len(held) == jobs, held
@@ -288,37 +301,19 @@ def test_ctrl_c_stops_a_fetch_after_the_downloads_under_way(jobs, store_dir, ori
 def test_ctrl_c_stops_a_batchs_helper_after_its_item_in_hand(store_dir, origin, tmp_path):
     # One batch worker and the helper, each held on its first item.
     proc, items = _held_fetch(store_dir, origin, tmp_path, 300, jobs=2, processes=2)
-    try:
-        assert sorted(seen.path for seen in origin.requests()) == ["/c0.bin", "/c299.bin"]
-        proc.send_signal(signal.SIGINT)
-        said = proc.stderr.readline().decode()
-        assert "stopping: waiting for 1 download(s) under way" in said, said  # the batch's own
-        for path in items:
-            origin.routes[path].gate.set()
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert (proc.returncode, err.decode().strip()) == (1, "casstore: aborted")
+    assert sorted(seen.path for seen in origin.requests()) == ["/c0.bin", "/c299.bin"]
+    said, err = _ctrl_c(proc, origin, items)
+    assert "stopping: waiting for 1 download(s) under way" in said, said  # the batch's own
+    assert (proc.returncode, err) == (1, "casstore: aborted")
     assert sorted(seen.path for seen in origin.requests()) == ["/c0.bin", "/c299.bin"]
     assert_store_consistent(store_dir, allow_temps=True)  # the helper may be killed mid-item
 
 
 def test_a_second_ctrl_c_leaves_at_once(store_dir, origin, tmp_path):
     proc, items = _held_fetch(store_dir, origin, tmp_path, 10)
-    try:
-        proc.send_signal(signal.SIGINT)
-        assert "stopping" in proc.stderr.readline().decode()
-        proc.send_signal(signal.SIGINT)  # the origin still holds both downloads
-        _, err = proc.communicate(timeout=60)
-    finally:
-        for path in items:
-            origin.routes[path].gate.set()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert (proc.returncode, err.decode().strip()) == (1, "casstore: aborted")
+    said, err = _ctrl_c(proc, origin, items, twice=True)  # the origin still holds both
+    assert "stopping" in said, said
+    assert (proc.returncode, err) == (1, "casstore: aborted")
     assert len(origin.requests()) == 2
     # What the two left is a dead writer's temps each, gc's to sweep, as after a kill.
     temps = os.listdir(store_dir / "tmp")
