@@ -71,15 +71,32 @@ ROWS_AGE = 0.5
 
 
 class _Pending:
-    """A temp handed to a round, or (``ingest`` None) a request to write the queued rows."""
+    """A temp handed to a round; with ``ingest`` None, the row of an object a
+    helper published (``adopt``), or with no ``sha256`` either, a request to
+    write the queued rows (``flush``)."""
 
-    __slots__ = ("error", "finished", "ingest", "keyed_by_url", "published", "row", "sha256")
+    __slots__ = (
+        "error",
+        "finished",
+        "ingest",
+        "keyed_by_url",
+        "published",
+        "row",
+        "sha256",
+        "size",
+    )
 
     def __init__(
-        self, ingest: Ingest | None, sha256: str, row: dict[str, Any], keyed_by_url: bool
+        self,
+        ingest: Ingest | None,
+        sha256: str,
+        row: dict[str, Any],
+        keyed_by_url: bool = False,
+        size: int = 0,
     ) -> None:
         self.ingest = ingest
         self.sha256 = sha256
+        self.size = ingest.size if ingest is not None else size
         self.row = row
         self.keyed_by_url = keyed_by_url
         self.finished = False
@@ -133,9 +150,19 @@ class GroupCommit:
         assert pending.published is not None
         return pending.published
 
+    def adopt(self, sha256: str, size: int, row: dict[str, Any]) -> None:
+        """Queue the row of an object published by another process for this batch
+        (spread.py's helper), complete and durable already, as ``commit`` queues
+        its own.  A row that cannot be written goes to ``unindexed``."""
+        pending = self._enter(_Pending(None, sha256, row, size=size))
+        if isinstance(pending.error, Exception):
+            self.unindexed.append((sha256, row, pending.error))
+        elif pending.error is not None:
+            raise pending.error  # Ctrl-C and the like
+
     def flush(self) -> None:
         """Write every queued row now, in a round of its own."""
-        marker = self._enter(_Pending(None, "", {}, False))
+        marker = self._enter(_Pending(None, "", {}))
         if isinstance(marker.error, Exception):  # the round itself failed, not a row: say so
             log.warning("could not index this batch's last objects: %s", marker.error)
         elif marker.error is not None:
@@ -192,14 +219,15 @@ class GroupCommit:
                 for p in members:
                     self._fail(p, exc)
         durable = [(p, path, created) for p, path, created in linked if p.error is None]
-        if durable and not self._rows:
+        fresh = [p for p, _, _ in durable] + [p for p in batch if p.ingest is None and p.sha256]
+        if fresh and not self._rows:
             self._since = time.monotonic()
-        self._rows.extend(p for p, _, _ in durable)
+        self._rows.extend(fresh)
         if self._rows and (
             len(self._rows) >= self.rows
             or time.monotonic() - self._since >= self.rows_age
-            or any(p.keyed_by_url for p, _, _ in durable)
-            or any(p.ingest is None for p in batch)
+            or any(p.keyed_by_url for p in fresh)
+            or any(not p.sha256 for p in batch)
         ):
             self._write_rows()
         elif self._rows and self._timer is None:
@@ -222,7 +250,7 @@ class GroupCommit:
             return self.layout.object_path(sha256).exists()
 
         def record(group: list[_Pending]) -> None:
-            rows = [(p.sha256, p.ingest.size, p.row) for p in group]  # type: ignore[union-attr]
+            rows = [(p.sha256, p.size, p.row) for p in group]
             self.index.record_objects(rows, present=present)
 
         try:

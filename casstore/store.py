@@ -53,7 +53,7 @@ from .urls import check_url, redact
 
 if TYPE_CHECKING:
     from .batch import GroupCommit
-    from .spread import Share
+    from .spread import Fetched, Share
 
 log = logging.getLogger("casstore")
 PathLike = str | os.PathLike[str]
@@ -208,12 +208,35 @@ class Store:
                 _warn_trusted(req, sha)
             return self._deliver(sha, req, mode)
 
-    def _delivered(
-        self, req: Request, mode: LinkMode, committer: GroupCommit | None
-    ) -> Artifact | None:
-        """``_ensure`` of a request a helper process has just fetched and indexed
-        (spread.py), without looking it up again; as ``_ensure`` if it is gone."""
+    def _fetch_unindexed(self, req: Request) -> tuple[Published, str] | None:
+        """For a batch's helper process (spread.py): download ``req`` (whose
+        sha256 is known) under its lock and publish it, without touching the
+        index, which is the batch's to write; the object and the final URL.
+        None if the store has the object already (the batch serves it as a hit)."""
+        from .locks import single_flight
+
         assert req.sha256 is not None
+        path = self.layout.object_path(req.sha256)
+        if path.exists():
+            return None
+        flight = single_flight(
+            self.layout, req.sha256, label=redact(req.url), on_wait=log.warning, done=path.exists
+        )
+        with flight:
+            return None if path.exists() else self._download(req)
+
+    def _delivered(
+        self,
+        req: Request,
+        fetched: Fetched,
+        mode: LinkMode,
+        committer: GroupCommit,
+    ) -> Artifact | None:
+        """``_ensure`` of a request a helper process has just fetched (spread.py):
+        its row is queued, and it is served without looking it up again; as
+        ``_ensure`` if it is gone."""
+        assert req.sha256 is not None
+        committer.adopt(req.sha256, fetched.size, _row(req, fetched.blake3, None, fetched.url))
         try:
             return self._deliver(req.sha256, req, mode)
         except FileNotFoundError:  # gc evicted it meanwhile
@@ -304,7 +327,7 @@ class Store:
                         published = committer.commit(
                             ingest,
                             sha,
-                            _row(req, ingest, fetched.url),
+                            _row(req, ingest.hasher.blake3, ingest.hasher.md5, fetched.url),
                             keyed_by_url=req.sha256 is None,
                         )
                 return published, fetched.url
@@ -415,7 +438,12 @@ class Store:
         share = spread.Share(self.layout, options, items, patience=max(0.0, lock_timeout()))
         if share.proc is None:
             return None
-        log.debug("a helper process (pid %d) may take %d items", share.proc.pid, len(items))
+        log.debug(
+            "a helper process (pid %d, %s) may take %d items",
+            share.proc.pid,
+            "forked" if share.forked else "started",
+            len(items),
+        )
         return share
 
     def _downloads(self) -> Any:
@@ -624,7 +652,7 @@ class Store:
             slot: Slot,
             share: Share | None,
         ) -> None:
-            fetched: bool | Exception = False
+            fetched: Fetched | Exception | None = None
             if share is not None and committer is not None:
                 # Handed to the helper: once it is done with it (another worker
                 # may download meanwhile).
@@ -640,8 +668,9 @@ class Store:
                     try:
                         if n == 0 and isinstance(fetched, Exception):
                             raise fetched  # the helper's try met what ours would: not asked again
-                        if n == 0 and fetched:  # by the helper, with this request's name
-                            outcome = self._delivered(req, mode, committer)
+                        if n == 0 and fetched is not None:  # by the helper: ours to index
+                            assert committer is not None
+                            outcome = self._delivered(req, fetched, mode, committer)
                             slot.counts = False  # counted as the helper reported it
                         else:
                             outcome = self._ensure_retrying(req, mode, committer)
@@ -1026,14 +1055,14 @@ def _lock_now(layout: Layout, key: str, *, label: str) -> Iterator[bool | None]:
         yield True if held else None
 
 
-def _row(req: Request, ingest: Any, final_url: str) -> dict[str, Any]:
+def _row(req: Request, blake3: str, md5: str | None, final_url: str) -> dict[str, Any]:
     """A fresh download's index row options, as ``_record`` writes them one at a time."""
     source = redact(req.url)
     final = redact(final_url)
     return {
         "request": req,  # not a column: which item to fail if the row cannot be written
-        "blake3": ingest.hasher.blake3,
-        "md5": ingest.hasher.md5,
+        "blake3": blake3,
+        "md5": md5,
         "name": req.name,
         "source": source,
         "also_source": final if final_url != req.url and final != source else None,

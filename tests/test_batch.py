@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 
 from casstore import BatchError, CasError, DownloadError, HashMismatch, Request, Store
@@ -264,6 +265,35 @@ def test_a_queued_row_is_written_when_no_other_round_comes(store, store_dir):
         time.sleep(0.01)
     assert store.index.get_object(digest) is not None
     committer.close()
+    assert_store_consistent(store_dir)
+
+
+def test_a_helpers_object_has_its_row_queued_with_the_batchs_own(store, store_dir):
+    """``adopt``: the row of an object a helper process published is queued like
+    the batch's own rows and written by the next round that writes them; one
+    whose object is gone by then is left out, as for the batch's own."""
+    from casstore.batch import GroupCommit
+    from casstore.ingest import Ingest
+
+    store.layout.ensure()
+    committer = GroupCommit(store.layout, store.index, rows_age=600)
+    kept, gone = blob(4000, seed=310), blob(4001, seed=311)
+    for data in (kept, gone):
+        with Ingest(store.layout) as ingest:  # as the helper does: published, no row
+            ingest.write(data)
+            published = ingest.commit(sha256=sha(data))
+        row = {
+            "blake3": published.blake3,
+            "name": f"n{len(data)}",
+            "source": f"http://o/{len(data)}",
+        }
+        committer.adopt(published.sha256, published.size, row)
+    assert store.index.get_object(sha(kept)) is None  # queued
+    store.layout.object_path(sha(gone)).unlink()
+    committer.close()
+    assert store.index.get_object(sha(kept))["blake3"] == blake3.blake3(kept).hexdigest()
+    assert store.resolve("n4000") == store.index.lookup_source("http://o/4000") == sha(kept)
+    assert store.index.get_object(sha(gone)) is None and not committer.unindexed
     assert_store_consistent(store_dir)
 
 

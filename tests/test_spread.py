@@ -22,7 +22,7 @@ import pytest
 
 from casstore import Request, Store
 from casstore.errors import DownloadError
-from casstore.spread import SPREAD_MIN, wanted
+from casstore.spread import HELPER_NAME, SPREAD_MIN, wanted
 
 from .conftest import assert_store_consistent, blob, sha
 
@@ -43,8 +43,8 @@ def _helpers(pid: int | str = "self") -> list[int]:
         except OSError:
             continue
         for child in children:
-            try:
-                if b"casstore.spread" in Path(f"/proc/{child}/cmdline").read_bytes():
+            try:  # named by the helper itself, forked or started
+                if Path(f"/proc/{child}/comm").read_text().strip() == HELPER_NAME:
                     found.append(child)
             except OSError:
                 pass
@@ -151,7 +151,7 @@ def test_a_helper_fetches_from_the_far_end_while_the_batch_is_held(
         assert all(origin.count(f"/f{i}") == 1 for i in range(12))
         assert all(r.status == 200 for r in origin.requests())
         assert [store.resolve(f"n{i}") for i in range(12)] == [sha(d) for _, d in items]
-    assert "a helper process" in caplog.text
+    assert "started) may take" in caplog.text  # this process runs threads: not forked
     assert _helpers() == []  # finished and reaped
     assert_store_consistent(store_dir)
 
@@ -186,6 +186,33 @@ def test_what_a_helper_is_not_handed(store, store_dir, origin):
     # look before the verified one's row is written.)
     assert all(origin.count(f"/f{i}") == 1 for i in (0, 1, 2, 4, 5, 6, 7))
     assert origin.count("/mirror") == 0
+    assert_store_consistent(store_dir)
+
+
+def test_the_batch_writes_the_rows_of_what_the_helper_fetched(store, store_dir, origin):
+    """The helper never writes the index: a row the index refuses (a trigger, as
+    a full disk would) fails that item in the batch's results, and only it."""
+    items = _items(origin, 8)
+    refused = sha(items[7][1])  # the helper's first item
+    store.layout.ensure()
+    store.index.conn  # noqa: B018 - create the schema
+    db = sqlite3.connect(store_dir / "index.db")
+    db.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON objects "
+        f"WHEN NEW.sha256 = '{refused}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    db.commit()
+    db.close()
+    with Held(origin, "/f0", "/f1"):
+        pairs = [(u, sha(d)) for u, d in items]
+        batch, out = _in_thread(lambda: store.ensure_many(pairs, concurrency=2, processes=2))
+        _until(lambda: all(origin.count(f"/f{i}") == 1 for i in range(2, 8)), "the helper")
+    batch.join(60)
+    (outcomes,) = out
+    assert "refused" in str(outcomes[7])
+    assert [o.path.read_bytes() for o in outcomes[:7]] == [d for _, d in items[:7]]
+    assert all(store.index.lookup_source(u) == sha(d) for u, d in items[:7])
+    assert all(origin.count(f"/f{i}") == 1 for i in range(8))
     assert_store_consistent(store_dir)
 
 
@@ -477,6 +504,32 @@ def test_the_helpers_wait_on_another_processs_lock_is_said(store, store_dir, ori
     assert_store_consistent(store_dir)
 
 
+def test_an_item_another_process_published_meanwhile_is_the_batchs_hit(
+    store, store_dir, origin, caplog
+):
+    """The helper waits on another process's lock, which publishes the object
+    and lets go: the helper fetches nothing and the batch serves the item as a
+    hit, recording this request's name and URL for it."""
+    from casstore.ingest import Ingest
+
+    from .conftest import HeldLock
+
+    items = _items(origin, 6)
+    requests = [Request(u, sha256=sha(d), name=f"n{i}") for i, (u, d) in enumerate(items)]
+    with Held(origin, "/f0", "/f1"), HeldLock(store.layout, sha(items[5][1])) as other:
+        batch, out = _in_thread(lambda: store.get_many(requests, concurrency=2, processes=2))
+        _until(lambda: "waiting for another process to fetch" in caplog.text, "the helper")
+        with Ingest(store.layout) as ingest:  # the other process's download
+            ingest.write(items[5][1])
+            ingest.commit(sha256=sha(items[5][1]))
+        other.let_go()
+    batch.join(60)
+    assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
+    assert origin.count("/f5") == 0
+    assert store.resolve("n5") == store.index.lookup_source(items[5][0]) == sha(items[5][1])
+    assert_store_consistent(store_dir)
+
+
 def test_ctrl_c_is_the_batchs_to_handle_not_the_helpers(store, store_dir, origin):
     items = _items(origin, 8)
     with HelperOn(origin, "/f7") as first, Held(origin, "/f0", "/f1"):
@@ -497,7 +550,10 @@ def test_fetch_says_and_does_the_same_with_a_helper_as_without(origin, tmp_path)
     wrong bytes: the same report, exit code, messages, files and names either way."""
     items = _items(origin, 300)
     origin.add("/gone", status=404)
+    # The helper's second item is redirected: the final URL is recorded too.
+    moved = origin.add("/moved", redirect_to=items[298][0])
     lines = [f"{u} {sha(d)} n{i}" for i, (u, d) in enumerate(items)]
+    lines[298] = f"{moved} {sha(items[298][1])} n298"
     lines += [f"{items[3][0]}#{sha(items[3][1])}", f"{origin.url('/gone')}#{'0' * 64}"]
     lines.append(f"{origin.add('/wrong', b'other bytes')}#{sha(b'the bytes promised')}")
     listing = tmp_path / "list.txt"
@@ -521,6 +577,10 @@ def test_fetch_says_and_does_the_same_with_a_helper_as_without(origin, tmp_path)
                 )
             if processes == "2":
                 _until(lambda: origin.count("/f299") == 2, "the helper")
+                # One thread when it began: its helper is forked, not started afresh.
+                (helper,) = _helpers(proc.pid)
+                cmdline = Path(f"/proc/{helper}/cmdline").read_bytes()
+                assert cmdline == Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         proc.wait(60)
         doc = json.loads(out.read_bytes())
         for item in doc["items"]:  # the store's own paths differ by store
@@ -556,4 +616,5 @@ def test_fetch_says_and_does_the_same_with_a_helper_as_without(origin, tmp_path)
     assert helped[2].splitlines() == alone[2].splitlines()  # the same messages
     assert helped[3] == alone[3] and helped[4] == alone[4]
     assert len(alone[4]["names"]) == 300 and alone[4]["links"]
+    assert (items[298][0], sha(items[298][1])) in alone[4]["sources"]
     assert origin.count("/gone") == origin.count("/wrong") == 2  # once each way

@@ -14,7 +14,7 @@ import pytest
 from .conftest import blob, import_probe, run_probed, sha
 
 PACKAGE = Path(__file__).resolve().parent.parent / "casstore"
-HEAVY = ("httpx", "blake3", "sqlite_utils", "tenacity", "rich", "yaml")
+HEAVY = ("httpx", "blake3", "sqlite_utils", "rich", "yaml")
 # Beyond HEAVY, what the fast path (hit.py) does without: each costs a process
 # milliseconds (pathlib ~9, re ~2; typing pulls in re).
 LIGHT_PATH_SKIPS = ("click", "casstore.store", "pathlib", "re", "typing", "urllib.parse")
