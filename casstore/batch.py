@@ -29,7 +29,9 @@ minute, and a queued row whose object has gone is dropped).  Only an item
 keyed by URL (trust on first use, or md5 only) needs its row before its lock
 goes: a process waiting on that lock learns the digest from the row.  A row
 that cannot be written once its item was delivered fails that item in
-``ensure_many``'s results, as a row written at once would have.
+``ensure_many``'s results, as a row written at once would have.  The rows
+of objects a helper process fetched for the batch (spread.py) are queued the
+same way (``adopt``), as the helper reports each: it never writes the index.
 
 Why SPEC §1's order still holds for every single object: its bytes are
 durable (fsync by its worker) and verified before its ``link`` (step 1), the
@@ -132,6 +134,8 @@ class GroupCommit:
         self._rows: list[_Pending] = []  # published, rows not yet written (leaders only)
         self._since = 0.0
         self._timer: threading.Timer | None = None
+        self._adopted: list[_Pending] = []  # rows of objects a helper published
+        self._closed = False
 
     def commit(
         self, ingest: Ingest, sha256: str, row: dict[str, Any], *, keyed_by_url: bool = False
@@ -151,14 +155,21 @@ class GroupCommit:
         return pending.published
 
     def adopt(self, sha256: str, size: int, row: dict[str, Any]) -> None:
-        """Queue the row of an object published by another process for this batch
-        (spread.py's helper), complete and durable already, as ``commit`` queues
-        its own.  A row that cannot be written goes to ``unindexed``."""
-        pending = self._enter(_Pending(None, sha256, row, size=size))
-        if isinstance(pending.error, Exception):
-            self.unindexed.append((sha256, row, pending.error))
-        elif pending.error is not None:
-            raise pending.error  # Ctrl-C and the like
+        """Queue the row of an object another process published for this batch
+        (spread.py's helper), complete and durable already: the next round
+        that writes rows writes it, ``rows_age`` seconds from now at the
+        latest (after ``close``, at once).  A row that cannot be written goes
+        to ``unindexed``.  Does not wait for a round: the helper's reports are
+        read on one thread."""
+        pending = _Pending(None, sha256, row, size=size)
+        pending.finished = True  # nobody waits for it: a failure goes to unindexed
+        with self._cond:
+            self._adopted.append(pending)
+            closed = self._closed
+        if closed:
+            self.flush()
+        else:
+            self._arm()
 
     def flush(self) -> None:
         """Write every queued row now, in a round of its own."""
@@ -170,10 +181,22 @@ class GroupCommit:
 
     def close(self) -> None:
         """Write every queued row and stop the timer; call once the workers are done."""
-        timer, self._timer = self._timer, None
+        with self._cond:
+            self._closed = True
+            timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
         self.flush()
+
+    def _arm(self) -> None:
+        """Have a round write the queued rows ``rows_age`` seconds from now, if
+        none is due already (for when no other round comes)."""
+        with self._cond:
+            if self._timer is not None or self._closed:
+                return
+            timer = self._timer = threading.Timer(self.rows_age, self._due)
+            timer.daemon = True
+        timer.start()  # (a close meanwhile has cancelled it: then it does nothing)
 
     def _enter(self, pending: _Pending) -> _Pending:
         with self._cond:
@@ -219,7 +242,9 @@ class GroupCommit:
                 for p in members:
                     self._fail(p, exc)
         durable = [(p, path, created) for p, path, created in linked if p.error is None]
-        fresh = [p for p, _, _ in durable] + [p for p in batch if p.ingest is None and p.sha256]
+        with self._cond:
+            adopted, self._adopted = self._adopted, []
+        fresh = [p for p, _, _ in durable] + adopted
         if fresh and not self._rows:
             self._since = time.monotonic()
         self._rows.extend(fresh)
@@ -230,16 +255,15 @@ class GroupCommit:
             or any(not p.sha256 for p in batch)
         ):
             self._write_rows()
-        elif self._rows and self._timer is None:
-            self._timer = threading.Timer(self.rows_age, self._due)
-            self._timer.daemon = True
-            self._timer.start()
+        elif self._rows:
+            self._arm()
         for p, path, created in durable:
             if p.error is None:
                 p.published = p.ingest.published_at(path, created)  # type: ignore[union-attr]
 
     def _due(self) -> None:
-        self._timer = None
+        with self._cond:
+            self._timer = None
         self.flush()
 
     def _write_rows(self) -> None:

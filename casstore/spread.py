@@ -131,7 +131,8 @@ class Share:
     """The items of a batch a helper may take: ``items`` (a group id and its
     first request, in batch order).  Workers call ``take(group)`` before
     serving a group; ``close()`` once the batch is done.  ``proc`` is None if
-    no helper could be started."""
+    no helper could be started.  ``on_fetched(group, fetched)`` is called from
+    the share's thread as the helper reports each object it put in the store."""
 
     def __init__(
         self,
@@ -140,8 +141,10 @@ class Share:
         items: Sequence[tuple[int, Request]],
         *,
         patience: float,
+        on_fetched: Callable[[int, Fetched], None],
     ) -> None:
-        self._position = {g: i for i, (g, _) in enumerate(items)}
+        self._groups = [g for g, _ in items]
+        self._position = {g: i for i, g in enumerate(self._groups)}
         self._free = len(items)  # positions below this are not handed out yet
         self._taken: set[int] = set()  # positions the batch has begun: its own
         self._items: dict[int, _Item] = {}  # by position: handed out
@@ -151,8 +154,7 @@ class Share:
         self._write_lock = threading.Lock()
         self._patience = patience
         self._on_gone: list[Callable[[], None]] = []
-        # Called with each object's size as the helper reports it (from the talk thread).
-        self.on_fetched: Callable[[int], None] | None = None
+        self._on_fetched = on_fetched
         self._per_item: float | None = None
         self._gone = False
         self.proc: subprocess.Popen[bytes] | _Forked | None = None
@@ -167,10 +169,13 @@ class Share:
         }
         self._job: dict[str, Any] | None = None  # what is still to send it
         try:
-            self.forked = _may_fork()
-            if self.forked:
-                self.proc = _Forked(job)
-            else:
+            if _may_fork():
+                try:
+                    self.proc = _Forked(job)
+                    self.forked = True
+                except Exception:  # cannot fork here after all: start one afresh
+                    pass
+            if self.proc is None:
                 package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                 self._job = {**job, "path": [package_parent, *sys.path]}
                 self.proc = subprocess.Popen(
@@ -306,6 +311,13 @@ class Share:
                     continue
                 kind, at_text, *rest = line.rstrip(b"\n").split(b" ", 5)
                 at = int(at_text)
+                fetched = None
+                if kind == b"d" and rest[:1] == [b"1"]:
+                    size, blake3, url = rest[1:4]
+                    url = bytes.fromhex(url.decode()).decode()
+                    fetched = Fetched(int(size), blake3.decode(), url)
+                    # In the store: its row is the batch's, even if the item was taken back.
+                    self._on_fetched(self._groups[at], fetched)
                 with self._changed:
                     item = self._items[at]
                     if kind == b"b":
@@ -316,16 +328,11 @@ class Share:
                     if item.state in (_DONE, _BACK):
                         continue  # taken back while the helper stalled: the batch's now
                     item.state = _DONE if kind == b"d" else _BACK
-                    if kind == b"d" and rest[:1] == [b"1"]:
-                        size, blake3, url = rest[1:4]
-                        url = bytes.fromhex(url.decode()).decode()
-                        item.fetched = Fetched(int(size), blake3.decode(), url)
+                    item.fetched = fetched
                     if rest[:1] == [b"0"] and rest[1:2] == [b"p"]:
                         item.error = _failure(rest[2])
                     self._out -= 1
                     self._changed.notify_all()
-                if item.fetched is not None and self.on_fetched is not None:
-                    self.on_fetched(item.fetched.size)
                 if kind == b"d":
                     now = time.monotonic()
                     took, last = now - last, now
@@ -503,9 +510,12 @@ def serve(job: dict[str, Any], rfd: int = 0, wfd: int = 1) -> None:
 
 def _may_fork() -> bool:
     """Whether a helper may be forked rather than started afresh (~0.1 s of
-    imports saved): on Linux, and only while this process runs one thread,
-    since a thread's locks would be copied held into the child."""
+    imports saved): on Linux, while this process runs one thread (a thread's
+    locks would be copied held into the child), and with SIGCHLD not ignored
+    (the child would be reaped behind ``wait``'s back and its pid reused)."""
     if not hasattr(os, "fork") or not sys.platform.startswith("linux"):
+        return False
+    if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
         return False
     try:
         return len(os.listdir("/proc/self/task")) == 1
@@ -522,48 +532,59 @@ class _Forked:
 
         from_batch, to_helper = os.pipe()
         from_helper, to_batch = os.pipe()
-        # The child collects none of the batch's garbage: finalizing a copy of
-        # the batch's SQLite connection there would touch the index.
-        gc.freeze()
+        # No collection between the fork and the child's gc.freeze(): the
+        # child must not finalize its copies of the batch's objects (a SQLite
+        # connection among them).
+        collecting = gc.isenabled()
+        gc.disable()
+        pid = -1
         try:
             pid = os.fork()
-        except OSError:
-            gc.unfreeze()
-            for fd in (to_helper, from_batch, from_helper, to_batch):
-                os.close(fd)
-            raise
-        if pid == 0:
-            try:
-                _forked_child(job, from_batch, to_batch, (to_helper, from_helper))
-            finally:
-                os._exit(1)
-        gc.unfreeze()
-        os.close(from_batch)
-        os.close(to_batch)
+            if pid == 0:
+                try:
+                    gc.freeze()
+                    gc.enable()
+                    _forked_child(job, from_batch, to_batch, (to_helper, from_helper))
+                finally:
+                    os._exit(1)
+        finally:
+            if collecting and pid != 0:
+                gc.enable()
+            os.close(from_batch)
+            os.close(to_batch)
+            if pid < 0:  # the fork failed
+                os.close(to_helper)
+                os.close(from_helper)
         self.pid = pid
         self.stdin = open(to_helper, "wb")  # noqa: SIM115 (closed by Share.close)
         self.stdout = open(from_helper, "rb")  # noqa: SIM115
         self._status: int | None = None
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
+        if self._status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
 
     def wait(self) -> int:
         if self._status is None:
-            self._status = os.waitpid(self.pid, 0)[1]
+            try:
+                self._status = os.waitpid(self.pid, 0)[1]
+            except ChildProcessError:  # reaped by someone else's SIGCHLD handler
+                self._status = 0
         return self._status
 
 
 def _forked_child(job: dict[str, Any], rfd: int, wfd: int, batchs: tuple[int, int]) -> None:
-    """In a forked helper, before ``serve``: the batch's ends of the pipes and
-    its stderr are not the helper's; the batch's signal handlers neither."""
+    """In a forked helper, before ``serve``: the batch's ends of the pipes, its
+    standard streams and its signal handlers are not the helper's.  (The
+    batch's other descriptors stay open, untouched, until the helper is killed:
+    closing them under their copied Python objects would be worse.)"""
     for fd in batchs:
         os.close(fd)
-    if 2 not in (rfd, wfd):  # as a started helper's: nothing of it reaches the batch's terminal
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 2)
-        os.close(null)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        if fd not in (rfd, wfd, null):
+            os.dup2(null, fd)  # as a started helper's: nothing of it reaches the batch's output
     for sig in signal.valid_signals():
         with contextlib.suppress(OSError, ValueError):
             if callable(signal.getsignal(sig)):

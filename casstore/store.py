@@ -226,17 +226,12 @@ class Store:
             return None if path.exists() else self._download(req)
 
     def _delivered(
-        self,
-        req: Request,
-        fetched: Fetched,
-        mode: LinkMode,
-        committer: GroupCommit,
+        self, req: Request, mode: LinkMode, committer: GroupCommit | None
     ) -> Artifact | None:
-        """``_ensure`` of a request a helper process has just fetched (spread.py):
-        its row is queued, and it is served without looking it up again; as
-        ``_ensure`` if it is gone."""
+        """``_ensure`` of a request a helper process has just fetched (spread.py;
+        its row is queued already), without looking it up again; as ``_ensure``
+        if it is gone."""
         assert req.sha256 is not None
-        committer.adopt(req.sha256, fetched.size, _row(req, fetched.blake3, None, fetched.url))
         try:
             return self._deliver(req.sha256, req, mode)
         except FileNotFoundError:  # gc evicted it meanwhile
@@ -393,7 +388,12 @@ class Store:
         return self._downloads().client
 
     def _share(
-        self, reqs: list[Request], groups: list[list[int]], concurrency: int, processes: int | None
+        self,
+        reqs: list[Request],
+        groups: list[list[int]],
+        concurrency: int,
+        processes: int | None,
+        on_fetched: Callable[[int, Fetched], None],
     ) -> Share | None:
         """A helper process for a batch's missing items (spread.py), or None."""
         from collections import Counter
@@ -435,7 +435,9 @@ class Store:
         )
         # A worker waits for an item the helper is fetching as it would on its
         # lock (not at all with locking off: then both fetch, as any two would).
-        share = spread.Share(self.layout, options, items, patience=max(0.0, lock_timeout()))
+        share = spread.Share(
+            self.layout, options, items, patience=max(0.0, lock_timeout()), on_fetched=on_fetched
+        )
         if share.proc is None:
             return None
         log.debug(
@@ -668,9 +670,8 @@ class Store:
                     try:
                         if n == 0 and isinstance(fetched, Exception):
                             raise fetched  # the helper's try met what ours would: not asked again
-                        if n == 0 and fetched is not None:  # by the helper: ours to index
-                            assert committer is not None
-                            outcome = self._delivered(req, fetched, mode, committer)
+                        if n == 0 and fetched is not None:  # by the helper: this name is ours
+                            outcome = self._delivered(req, mode, committer)
                             slot.counts = False  # counted as the helper reported it
                         else:
                             outcome = self._ensure_retrying(req, mode, committer)
@@ -700,7 +701,7 @@ class Store:
             throttle = Throttle(workers - 1 if share is not None else workers, jobs=len(jobs))
             if share is not None:
                 share.when_gone(lambda: throttle.set_ceiling(workers))
-                share.on_fetched = throttle.count
+                counts.append(throttle.count)
             throttle.run(
                 jobs,
                 lambda job, slot: serve_group(*job, committer, slot, share),
@@ -710,21 +711,24 @@ class Store:
 
         if reqs:
             jobs: list[tuple[list[int], Failed]] = [(g, {}) for g in groups.values()]
-            share = self._share(reqs, [g for g, _ in jobs], concurrency, processes)
+            committer = GroupCommit(self.layout, self.index)
+            counts: list[Callable[[int], None]] = []  # the running throttle's count
+
+            def helped(group: int, got: Fetched) -> None:
+                """The helper has fetched ``group``'s object: its row is the batch's
+                to write, whatever becomes of the item (from the share's thread)."""
+                req = reqs[group]
+                assert req.sha256 is not None
+                committer.adopt(req.sha256, got.size, _row(req, got.blake3, None, got.url))
+                if counts:
+                    counts[-1](got.size)
+
+            share = self._share(reqs, [g for g, _ in jobs], concurrency, processes, helped)
             try:
-                committer = GroupCommit(self.layout, self.index)
                 try:
                     run(jobs, committer, share)
                 finally:
-                    committer.close()
-                if committer.unindexed:
-                    index_of: dict[int, int] = {}
-                    for i, req in enumerate(reqs):
-                        index_of.setdefault(id(req), i)
-                    for sha, row, reason in committer.unindexed:
-                        # The item that downloaded it, whatever its group's others did.
-                        owner = index_of[id(row["request"])]
-                        results[owner] = CasError(f"could not index {sha}: {reason}")
+                    committer.close()  # (what the helper reports from now on is written at once)
                 if put_off:  # every lock of this batch is released by now
                     run(put_off, None, share)
             finally:
@@ -732,6 +736,14 @@ class Store:
                 # for on its lock there, not fetched again from scratch.
                 if share is not None:
                     share.close()
+            if committer.unindexed:
+                index_of: dict[int, int] = {}
+                for i, req in enumerate(reqs):
+                    index_of.setdefault(id(req), i)
+                for sha, row, reason in committer.unindexed:
+                    # The item that downloaded it, whatever its group's others did.
+                    owner = index_of[id(row["request"])]
+                    results[owner] = CasError(f"could not index {sha}: {reason}")
         return results  # type: ignore[return-value]
 
     # -- put -----------------------------------------------------------------

@@ -9,7 +9,11 @@ import stat
 from pathlib import Path
 
 
-def assert_store_consistent(root: str | os.PathLike[str], *, allow_temps: bool = False) -> None:
+def assert_store_consistent(
+    root: str | os.PathLike[str], *, allow_temps: bool = False, indexed: bool = False
+) -> None:
+    """With ``indexed``, also every object has its row, blake3 included (as it
+    must after a batch that ended, even by Ctrl-C; not after a kill)."""
     root = Path(root)
     objects = root / "sha256"
     found = set()
@@ -39,6 +43,10 @@ def assert_store_consistent(root: str | os.PathLike[str], *, allow_temps: bool =
                 # open migrates it; nothing in it to check.
                 return
             rows = {r[0] for r in conn.execute("SELECT sha256 FROM objects")}
+            if indexed:
+                assert not found - rows, f"objects without rows: {sorted(found - rows)}"
+                thin = conn.execute("SELECT sha256 FROM objects WHERE blake3 IS NULL").fetchall()
+                assert not thin, f"rows without blake3: {thin}"
             for table in ("names", "sources", "links"):
                 for (sha,) in conn.execute(f"SELECT sha256 FROM {table}"):
                     assert sha in rows, f"{table} row points at unindexed object {sha}"

@@ -153,7 +153,7 @@ def test_a_helper_fetches_from_the_far_end_while_the_batch_is_held(
         assert [store.resolve(f"n{i}") for i in range(12)] == [sha(d) for _, d in items]
     assert "started) may take" in caplog.text  # this process runs threads: not forked
     assert _helpers() == []  # finished and reaped
-    assert_store_consistent(store_dir)
+    assert_store_consistent(store_dir, indexed=True)
 
 
 def test_what_a_helper_is_not_handed(store, store_dir, origin):
@@ -186,7 +186,7 @@ def test_what_a_helper_is_not_handed(store, store_dir, origin):
     # look before the verified one's row is written.)
     assert all(origin.count(f"/f{i}") == 1 for i in (0, 1, 2, 4, 5, 6, 7))
     assert origin.count("/mirror") == 0
-    assert_store_consistent(store_dir)
+    assert_store_consistent(store_dir, indexed=True)
 
 
 def test_the_batch_writes_the_rows_of_what_the_helper_fetched(store, store_dir, origin):
@@ -231,7 +231,7 @@ def test_the_helper_retries_as_the_batch_would_and_says_so(store, store_dir, ori
         m for m in said if "/f5: HTTP 503 Service Unavailable; retry" in m
     ]
     assert sum("/f5: HTTP 503 Service Unavailable; retry" in m for m in said) == 2
-    assert_store_consistent(store_dir)
+    assert_store_consistent(store_dir, indexed=True)
 
 
 def test_the_error_the_helper_ends_with_is_the_items_answer(store, store_dir, origin, caplog):
@@ -251,7 +251,7 @@ def test_the_error_the_helper_ends_with_is_the_items_answer(store, store_dir, or
     assert "after 2 attempt(s)" in str(outcomes[5]) and outcomes[5].exit_code == 4
     assert origin.count("/f4") == 1 and origin.count("/f5") == 2  # not asked again
     assert [o.path.read_bytes() for o in outcomes[:4]] == [d for _, d in items[:4]]
-    assert_store_consistent(store_dir)
+    assert_store_consistent(store_dir, indexed=True)
 
 
 def test_a_helper_killed_midway_costs_the_batch_nothing_but_its_item(store, store_dir, origin):
@@ -296,6 +296,67 @@ def test_a_helper_stops_when_its_batch_is_killed(store_dir, origin):
     assert_store_consistent(store_dir, allow_temps=True)  # the killed batch's, gc's to sweep
 
 
+def test_what_the_helper_fetched_is_indexed_when_its_batch_is_stopped(store_dir, origin, tmp_path):
+    """Ctrl-C to a ``fetch`` whose one worker is held on its first item, once the
+    helper has fetched all the rest: each of those has its row (written as the
+    helper reports it, not when a worker comes to the item)."""
+    items = _items(origin, 300)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{u}#{sha(d)}\n" for u, d in items))
+    env = {**os.environ, "CASSTORE_DIR": str(store_dir), "CASSTORE_PROCESSES": "2"}
+    with Held(origin, "/f0"):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "casstore", "fetch", str(listing), "-j", "2"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see test_lists
+        )
+        try:
+            _until(lambda: all(origin.count(f"/f{i}") == 1 for i in range(1, 300)), "the helper")
+            proc.send_signal(signal.SIGINT)
+            assert b"stopping" in proc.stderr.readline()
+        except BaseException:
+            proc.kill()
+            raise
+    proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert origin.count("/f0") == 1
+    assert_store_consistent(store_dir, indexed=True)
+
+
+@pytest.mark.parametrize("sigchld", ["default", "ignored"])
+def test_a_forked_helper_leaves_its_batchs_process_as_it_found_it(sigchld, store_dir, origin):
+    """gc enabled, with what the program froze still frozen; and no fork where
+    SIGCHLD is ignored (the child would be reaped behind the batch's back)."""
+    items = _items(origin, 20)
+    code = (
+        "import gc, json, logging, signal, sys\n"
+        "from casstore import Store\n"
+        "if sys.argv[3] == 'ignored':\n"
+        "    signal.signal(signal.SIGCHLD, signal.SIG_IGN)\n"
+        "logging.basicConfig(level=logging.DEBUG, format='%(message)s')\n"
+        "kept = [[i] for i in range(1000)]\n"
+        "gc.freeze()  # (the count falls as frozen objects are freed: kept are not)\n"
+        "items = [tuple(i) for i in json.loads(sys.argv[2])]\n"
+        "paths = Store(sys.argv[1]).get_many(items, concurrency=2, processes=2)\n"
+        "assert gc.isenabled() and gc.get_freeze_count() >= 1000, gc.get_freeze_count()\n"
+        "print(len(paths))\n"
+    )
+    listing = json.dumps([(u, sha(d)) for u, d in items])
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(store_dir), listing, sigchld],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert (run.returncode, run.stdout) == (0, b"20\n"), run.stderr.decode()
+    started = "forked" if sigchld == "default" else "started"
+    assert f", {started}) may take 20 items" in run.stderr.decode()
+    assert all(origin.count(f"/f{i}") == 1 for i in range(20))
+    assert_store_consistent(store_dir, indexed=True)
+
+
 def test_no_helper_when_the_stores_slots_are_taken_or_nothing_is_missing(
     store, store_dir, origin, caplog
 ):
@@ -320,7 +381,7 @@ def test_no_helper_when_the_stores_slots_are_taken_or_nothing_is_missing(
             os.close(fd)
     assert "a helper process" not in caplog.text
     assert all(origin.count(f"/f{i}") == 1 for i in range(4))
-    assert_store_consistent(store_dir)
+    assert_store_consistent(store_dir, indexed=True)
 
 
 def test_when_a_batch_wants_a_helper(monkeypatch):
@@ -363,7 +424,7 @@ def test_a_helper_is_one_of_the_batchs_concurrency(store, store_dir, origin, cap
     batch.join(60)
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
     assert now_and_most[1] <= 3 and "a helper process" in caplog.text
-    assert_store_consistent(store_dir)
+    assert_store_consistent(store_dir, indexed=True)
 
 
 def test_an_item_the_helper_has_not_begun_is_taken_back(store, store_dir, origin):
@@ -378,7 +439,7 @@ def test_an_item_the_helper_has_not_begun_is_taken_back(store, store_dir, origin
     batch.join(60)
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
     assert all(origin.count(f"/f{i}") == 1 for i in range(8))
-    assert_store_consistent(store_dir)
+    assert_store_consistent(store_dir, indexed=True)
 
 
 def test_a_forked_child_does_not_keep_a_helper_alive(store_dir, origin, tmp_path):
@@ -462,7 +523,7 @@ def test_a_stopped_helper_holds_up_only_the_item_it_has_begun(store, store_dir, 
     batch.join(60)
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
     assert all(origin.count(f"/f{i}") == 1 for i in range(12))
-    assert_store_consistent(store_dir)
+    assert_store_consistent(store_dir, indexed=True)
 
 
 def test_an_item_the_helper_outlasts_the_wait_for_is_not_fetched_twice(
@@ -485,7 +546,7 @@ def test_an_item_the_helper_outlasts_the_wait_for_is_not_fetched_twice(
     batch.join(60)
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
     assert all(origin.count(f"/f{i}") == 1 for i in range(8))
-    assert_store_consistent(store_dir)
+    assert_store_consistent(store_dir, indexed=True)
 
 
 def test_the_helpers_wait_on_another_processs_lock_is_said(store, store_dir, origin, caplog):
@@ -501,7 +562,7 @@ def test_the_helpers_wait_on_another_processs_lock_is_said(store, store_dir, ori
     batch.join(60)
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
     assert all(origin.count(f"/f{i}") == 1 for i in range(6))
-    assert_store_consistent(store_dir)
+    assert_store_consistent(store_dir, indexed=True)
 
 
 def test_an_item_another_process_published_meanwhile_is_the_batchs_hit(
@@ -542,7 +603,7 @@ def test_ctrl_c_is_the_batchs_to_handle_not_the_helpers(store, store_dir, origin
     batch.join(60)
     assert [Path(p).read_bytes() for p in out[0]] == [d for _, d in items]
     assert all(origin.count(f"/f{i}") == 1 for i in range(8))
-    assert_store_consistent(store_dir)
+    assert_store_consistent(store_dir, indexed=True)
 
 
 def test_fetch_says_and_does_the_same_with_a_helper_as_without(origin, tmp_path):
@@ -588,7 +649,7 @@ def test_fetch_says_and_does_the_same_with_a_helper_as_without(origin, tmp_path)
                 if item[key]:
                     item[key] = os.path.relpath(item[key], store if key == "path" else dest)
         files = {p.name: p.read_bytes() for p in dest.iterdir()}
-        assert_store_consistent(store)
+        assert_store_consistent(store, indexed=True)
         db = sqlite3.connect(store / "index.db")
         try:  # what the index says, not where or when
             index = {
