@@ -43,8 +43,9 @@ the batch kills it once every item it was handed is reported or taken back.
 The pipe, after the job (pickled: the items, the store, the options; a forked
 helper has it already).  Batch to helper: ``h LO HI`` (hand out positions
 LO..HI-1, the highest first), ``x I`` (give I back if not begun), ``q``
-(nothing more).  Helper to batch: ``ready``; ``b I`` (begun); ``c I`` (given
-back, never begun); ``d I 1 SIZE BLAKE3 URL`` (in the store; the final URL
+(nothing more).  Helper to batch: ``ready``; ``c I`` (given back, never
+begun) or ``n I`` (begun, or done: not given back), the answer to each ``x``;
+``d I 1 SIZE BLAKE3 URL`` (in the store; the final URL
 in hex); ``d I 0 p HEX`` (failed: the pickled DownloadError or
 IntegrityFailure), ``d I 0 e`` (the batch does the item: the object was
 there already, or the helper had trouble of its own); ``w TEXT`` (a warning).
@@ -87,6 +88,11 @@ _BOOT = (
     "serve(job)\n"
 )
 _HANDED, _BEGUN, _DONE, _BACK = "handed", "begun", "done", "back"
+# The helper holds back its reports of items that took less than REPORT_AGE
+# each, and sends them together once REPORTS are held, the first was held
+# REPORT_AGE ago, it has nothing more in hand, or the batch asks for one.
+REPORTS = 16
+REPORT_AGE = 0.005
 # What ps and top show for a helper (15 characters at most, Linux's limit).
 HELPER_NAME = "casstore-helper"
 # How long a worker waits for the helper to give back, or say it began, an
@@ -320,7 +326,7 @@ class Share:
                     self._on_fetched(self._groups[at], fetched)
                 with self._changed:
                     item = self._items[at]
-                    if kind == b"b":
+                    if kind == b"n":
                         if item.state == _HANDED:
                             item.state = _BEGUN
                         self._changed.notify_all()
@@ -351,14 +357,16 @@ class Share:
                 callback()
 
     def _hand_out(self) -> None:
-        """Hand the helper what it lacks of its window, from the far end; send
-        it ``q`` when there is nothing more and it has finished."""
+        """Hand the helper what it lacks of its window, from the far end, once it
+        has half of it left (a line per item would cost both processes a
+        wakeup per item); send it ``q`` when there is nothing more and it has
+        finished."""
         per = self._per_item
         window = 2 if per is None else round(WINDOW_SECONDS / max(per, 1e-6))
         window = max(2, min(WINDOW_MAX, window))
         with self._lock:
             hi = lo = self._free
-            while lo > 0 and self._out < window:
+            while lo > 0 and self._out < window and (lo < hi or self._out <= window // 2):
                 if lo - 1 in self._taken:  # the batch has come this far: the rest is its
                     self._free = 0
                     break
@@ -428,16 +436,41 @@ def serve(job: dict[str, Any], rfd: int = 0, wfd: int = 1) -> None:
     except OSError:
         pass
     items = job["items"]
+    quick = job.get("report_age", REPORT_AGE)  # (a test makes every item quick)
     queue: deque[int] = deque()
     cond = threading.Condition()
     stop = False
     out_lock = threading.Lock()
+    # "d" lines held back while items come quick, sent as one write: a line
+    # each would cost the batch a wakeup each (~60 us of its CPU per item).
+    reports: list[bytes] = []
+    held_since = [0.0]  # when the first of them was held back
+    asked: set[int] = set()  # asked back once begun: the batch waits for its "d"
+
+    def send(data: bytes) -> None:  # with out_lock held: whole lines, one writer at a time
+        view = memoryview(b"".join(reports) + data)
+        reports.clear()
+        while view:
+            view = view[os.write(wfd, view) :]
 
     def say(data: bytes) -> None:
-        with out_lock:  # whole lines, one writer at a time
-            view = memoryview(data)
-            while view:
-                view = view[os.write(wfd, view) :]
+        with out_lock:
+            send(data)
+
+    def report(at: int, line: bytes, started: float) -> None:
+        """Item ``at``'s "d" line, begun at ``started``: held back if it was quick."""
+        now = time.monotonic()
+        with out_lock:
+            reports.append(line)
+            if len(reports) == 1:
+                held_since[0] = now
+            if (
+                at in asked
+                or now - started >= quick
+                or now - held_since[0] >= quick
+                or len(reports) >= REPORTS
+            ):
+                send(b"")
 
     def listen() -> None:
         # os.read, not sys.stdin: a thread blocked in a buffered read holds its
@@ -454,9 +487,15 @@ def serve(job: dict[str, Any], rfd: int = 0, wfd: int = 1) -> None:
                             lo, hi = map(int, args)
                             queue.extend(range(hi - 1, lo - 1, -1))
                             cond.notify()
-                        elif kind == b"x" and int(args[0]) in queue:
-                            queue.remove(int(args[0]))
-                            say(b"c %d\n" % int(args[0]))
+                        elif kind == b"x":
+                            at = int(args[0])
+                            if at in queue:
+                                queue.remove(at)
+                                say(b"c %d\n" % at)
+                            else:
+                                with out_lock:
+                                    asked.add(at)
+                                    send(b"n %d\n" % at)  # and its "d", if held back
                         elif kind == b"q":
                             stop = True
                             cond.notify()
@@ -484,27 +523,31 @@ def serve(job: dict[str, Any], rfd: int = 0, wfd: int = 1) -> None:
         say(b"ready\n")
         while True:
             with cond:
+                if not queue:
+                    say(b"")  # nothing more in hand: what is held back goes now
                 while not queue and not stop:
                     cond.wait()
                 if stop:
                     break
                 at = queue.popleft()
-                say(b"b %d\n" % at)
+            started = time.monotonic()
             url, sha256, size, name = items[at]
             try:
                 got = store._fetch_unindexed(Request(url=url, sha256=sha256, size=size, name=name))
             except (DownloadError, IntegrityFailure) as exc:  # the source's: the answer
-                say(b"d %d 0 p %s\n" % (at, pickle.dumps(exc).hex().encode()))
+                report(at, b"d %d 0 p %s\n" % (at, pickle.dumps(exc).hex().encode()), started)
                 continue
             except CasError:  # its own trouble: the batch does the item
                 got = None
             if got is None:  # (or the store had it: the batch serves it as a hit)
-                say(b"d %d 0 e\n" % at)
+                report(at, b"d %d 0 e\n" % at, started)
                 continue
             published, final_url = got
             said = (published.size, published.blake3.encode(), final_url.encode().hex().encode())
-            say(b"d %d 1 %d %s %s\n" % (at, *said))
+            report(at, b"d %d 1 %d %s %s\n" % (at, *said), started)
     finally:
+        with contextlib.suppress(OSError):
+            say(b"")
         os._exit(0)  # no traceback to show, no thread to wait for, nothing to close
 
 

@@ -357,6 +357,59 @@ def test_a_forked_helper_leaves_its_batchs_process_as_it_found_it(sigchld, store
     assert_store_consistent(store_dir, indexed=True)
 
 
+def test_the_helper_holds_back_quick_reports_until_asked_and_never_opens_the_index(
+    store_dir, origin
+):
+    """The helper alone, on its pipe: the report of a quick item waits while it
+    fetches the next (one write for many), and goes at once when the batch
+    asks for that item; the index is the batch's: the helper never opens it."""
+    import pickle
+    import select
+
+    from casstore.spread import _BOOT
+
+    items = _items(origin, 2)
+    origin.routes["/f0"].gate_after = 0  # its second item, held at the origin
+    job = {
+        "path": [str(ROOT), *sys.path],
+        "root": str(store_dir),
+        "options": {},
+        "items": [(u, sha(d), None, None) for u, d in items],
+        "report_age": 600,  # every item quick, however busy the machine
+    }
+    helper = subprocess.Popen(
+        [sys.executable, "-I", "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+
+    def tell(line: bytes) -> None:
+        helper.stdin.write(line)
+        helper.stdin.flush()
+
+    with helper:
+        try:
+            tell(pickle.dumps(job))
+            assert helper.stdout.readline() == b"ready\n"
+            tell(b"h 0 2\n")  # /f1 first, then /f0
+            assert origin.routes["/f0"].sent_event.wait(60)
+            # /f1 is in the store, its report held back (a line would be in the pipe by now).
+            assert select.select([helper.stdout], [], [], 0)[0] == []
+            assert (store_dir / "sha256" / sha(items[1][1])[:2]).is_dir()
+            tell(b"x 1\n")
+            assert helper.stdout.readline().startswith(b"d 1 1 3001 ")
+            assert helper.stdout.readline() == b"n 1\n"
+            origin.routes["/f0"].gate.set()
+            # Held back too, but sent once it has nothing more in hand.
+            assert helper.stdout.readline().startswith(b"d 0 1 3000 ")
+            tell(b"q\n")
+            assert helper.wait(60) == 0
+        finally:
+            origin.routes["/f0"].gate.set()
+            helper.kill()
+    assert origin.count("/f0") == origin.count("/f1") == 1
+    assert not (store_dir / "index.db").exists()
+    assert_store_consistent(store_dir)
+
+
 def test_no_helper_when_the_stores_slots_are_taken_or_nothing_is_missing(
     store, store_dir, origin, caplog
 ):
