@@ -56,19 +56,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import signal
-import subprocess
 import sys
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .layout import Layout
 from .models import Request
+
+if TYPE_CHECKING:
+    import subprocess
 
 log = logging.getLogger("casstore")
 
@@ -182,6 +183,8 @@ class Share:
                 except Exception:  # cannot fork here after all: start one afresh
                     pass
             if self.proc is None:
+                import subprocess  # (not before: a forked helper needs none of it)
+
                 package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                 self._job = {**job, "path": [package_parent, *sys.path]}
                 self.proc = subprocess.Popen(
@@ -306,6 +309,8 @@ class Share:
         assert proc is not None and proc.stdout is not None
         try:
             if self._job is not None:
+                import pickle
+
                 self._write(pickle.dumps(self._job))
             if proc.stdout.readline() != b"ready\n":
                 return
@@ -535,6 +540,8 @@ def serve(job: dict[str, Any], rfd: int = 0, wfd: int = 1) -> None:
             try:
                 got = store._fetch_unindexed(Request(url=url, sha256=sha256, size=size, name=name))
             except (DownloadError, IntegrityFailure) as exc:  # the source's: the answer
+                import pickle
+
                 report(at, b"d %d 0 p %s\n" % (at, pickle.dumps(exc).hex().encode()), started)
                 continue
             except CasError:  # its own trouble: the batch does the item
@@ -637,6 +644,8 @@ def _forked_child(job: dict[str, Any], rfd: int, wfd: int, batchs: tuple[int, in
 
 def _failure(text: bytes) -> Exception | None:
     """The helper's DownloadError or IntegrityFailure, sent pickled (as hex)."""
+    import pickle
+
     from .errors import DownloadError, IntegrityFailure
 
     try:
