@@ -45,9 +45,9 @@ helper has it already).  Batch to helper: ``h LO HI`` (hand out positions
 LO..HI-1, the highest first), ``x I`` (give I back if not begun), ``q``
 (nothing more).  Helper to batch: ``ready``; ``c I`` (given back, never
 begun) or ``n I`` (begun, or done: not given back), the answer to each ``x``;
-``d I 1 SIZE BLAKE3 URL`` (in the store; the final URL
-in hex); ``d I 0 p HEX`` (failed: the pickled DownloadError or
-IntegrityFailure), ``d I 0 e`` (the batch does the item: the object was
+``d I US 1 SIZE BLAKE3 URL`` (in the store after US microseconds' work; the
+final URL in hex); ``d I US 0 p HEX`` (failed: the pickled DownloadError or
+IntegrityFailure), ``d I US 0 e`` (the batch does the item: the object was
 there already, or the helper had trouble of its own); ``w TEXT`` (a warning).
 """
 
@@ -315,13 +315,15 @@ class Share:
             if proc.stdout.readline() != b"ready\n":
                 return
             self._hand_out()
-            last = time.monotonic()
             for line in proc.stdout:
                 if line.startswith(b"w "):  # a warning of its own (a lock wait): the batch's
                     log.warning("%s", line[2:].rstrip(b"\n").decode(errors="replace"))
                     continue
-                kind, at_text, *rest = line.rstrip(b"\n").split(b" ", 5)
+                kind, at_text, *rest = line.rstrip(b"\n").split(b" ", 6)
                 at = int(at_text)
+                took = None
+                if kind == b"d":
+                    took, rest = int(rest[0]) / 1e6, rest[1:]
                 fetched = None
                 if kind == b"d" and rest[:1] == [b"1"]:
                     size, blake3, url = rest[1:4]
@@ -344,9 +346,7 @@ class Share:
                         item.error = _failure(rest[2])
                     self._out -= 1
                     self._changed.notify_all()
-                if kind == b"d":
-                    now = time.monotonic()
-                    took, last = now - last, now
+                if took is not None:
                     per = self._per_item
                     self._per_item = took if per is None else (per + took) / 2
                 self._hand_out()
@@ -462,11 +462,11 @@ def serve(job: dict[str, Any], rfd: int = 0, wfd: int = 1) -> None:
         with out_lock:
             send(data)
 
-    def report(at: int, line: bytes, started: float) -> None:
+    def report(at: int, outcome: bytes, started: float) -> None:
         """Item ``at``'s "d" line, begun at ``started``: held back if it was quick."""
         now = time.monotonic()
         with out_lock:
-            reports.append(line)
+            reports.append(b"d %d %d %s\n" % (at, round((now - started) * 1e6), outcome))
             if len(reports) == 1:
                 held_since[0] = now
             if (
@@ -504,6 +504,7 @@ def serve(job: dict[str, Any], rfd: int = 0, wfd: int = 1) -> None:
                         elif kind == b"q":
                             stop = True
                             cond.notify()
+                            say(b"")  # what is held back: the batch may kill it any moment now
                             return
         except BaseException:
             pass
@@ -542,16 +543,16 @@ def serve(job: dict[str, Any], rfd: int = 0, wfd: int = 1) -> None:
             except (DownloadError, IntegrityFailure) as exc:  # the source's: the answer
                 import pickle
 
-                report(at, b"d %d 0 p %s\n" % (at, pickle.dumps(exc).hex().encode()), started)
+                report(at, b"0 p " + pickle.dumps(exc).hex().encode(), started)
                 continue
             except CasError:  # its own trouble: the batch does the item
                 got = None
             if got is None:  # (or the store had it: the batch serves it as a hit)
-                report(at, b"d %d 0 e\n" % at, started)
+                report(at, b"0 e", started)
                 continue
             published, final_url = got
             said = (published.size, published.blake3.encode(), final_url.encode().hex().encode())
-            report(at, b"d %d 1 %d %s %s\n" % (at, *said), started)
+            report(at, b"1 %d %s %s" % said, started)
     finally:
         with contextlib.suppress(OSError):
             say(b"")

@@ -206,7 +206,9 @@ class Throttle:
         def wait() -> None:
             with self._cond:
                 while live[0]:
-                    self._cond.wait()
+                    # Not forever at once: Ctrl-C may be delivered to a worker
+                    # thread, and the main thread only sees it between waits.
+                    self._cond.wait(0.2)
 
         try:
             for k in range(max(1, threads)):

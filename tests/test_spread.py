@@ -357,19 +357,20 @@ def test_a_forked_helper_leaves_its_batchs_process_as_it_found_it(sigchld, store
     assert_store_consistent(store_dir, indexed=True)
 
 
-def test_the_helper_holds_back_quick_reports_until_asked_and_never_opens_the_index(
-    store_dir, origin
-):
-    """The helper alone, on its pipe: the report of a quick item waits while it
-    fetches the next (one write for many), and goes at once when the batch
-    asks for that item; the index is the batch's: the helper never opens it."""
+@pytest.mark.parametrize("then", ["asked", "stopped"])
+def test_the_helper_holds_back_quick_reports_and_never_opens_the_index(then, store_dir, origin):
+    """The helper alone, on its pipe: the reports of quick items wait while it
+    fetches the next (one write for many); they go at once when the batch asks
+    for one of them, or stops the helper (which it may kill any moment then).
+    The index is the batch's: the helper never opens it."""
     import pickle
+    import re
     import select
 
     from casstore.spread import _BOOT
 
-    items = _items(origin, 2)
-    origin.routes["/f0"].gate_after = 0  # its second item, held at the origin
+    items = _items(origin, 3)
+    origin.routes["/f0"].gate_after = 0  # its last item, held at the origin
     job = {
         "path": [str(ROOT), *sys.path],
         "root": str(store_dir),
@@ -385,27 +386,35 @@ def test_the_helper_holds_back_quick_reports_until_asked_and_never_opens_the_ind
         helper.stdin.write(line)
         helper.stdin.flush()
 
+    def reported(i: int, line: bytes) -> bool:  # "d I US 1 SIZE BLAKE3 URL": in the store
+        return re.fullmatch(rb"d %d \d+ 1 %d [0-9a-f]{64} [0-9a-f]+\n" % (i, 3000 + i), line)
+
     with helper:
         try:
             tell(pickle.dumps(job))
             assert helper.stdout.readline() == b"ready\n"
-            tell(b"h 0 2\n")  # /f1 first, then /f0
+            tell(b"h 0 3\n")  # /f2, /f1, then /f0
             assert origin.routes["/f0"].sent_event.wait(60)
-            # /f1 is in the store, its report held back (a line would be in the pipe by now).
+            # /f2 and /f1 are in the store, their reports held back (lines
+            # written at once would be in the pipe by now).
             assert select.select([helper.stdout], [], [], 0)[0] == []
-            assert (store_dir / "sha256" / sha(items[1][1])[:2]).is_dir()
-            tell(b"x 1\n")
-            assert helper.stdout.readline().startswith(b"d 1 1 3001 ")
-            assert helper.stdout.readline() == b"n 1\n"
+            assert all((store_dir / "sha256" / sha(items[i][1])[:2]).is_dir() for i in (1, 2))
+            tell(b"x 1\n" if then == "asked" else b"q\n")
+            for i in (2, 1):
+                line = helper.stdout.readline()
+                assert reported(i, line), line
+            if then == "asked":
+                assert helper.stdout.readline() == b"n 1\n"
             origin.routes["/f0"].gate.set()
-            # Held back too, but sent once it has nothing more in hand.
-            assert helper.stdout.readline().startswith(b"d 0 1 3000 ")
-            tell(b"q\n")
+            line = helper.stdout.readline()  # held back too, sent once it has nothing in hand
+            assert reported(0, line), line
+            if then == "asked":
+                tell(b"q\n")
             assert helper.wait(60) == 0
         finally:
             origin.routes["/f0"].gate.set()
             helper.kill()
-    assert origin.count("/f0") == origin.count("/f1") == 1
+    assert [origin.count(f"/f{i}") for i in range(3)] == [1, 1, 1]
     assert not (store_dir / "index.db").exists()
     assert_store_consistent(store_dir)
 

@@ -273,3 +273,32 @@ def test_a_short_batch_measures_a_window_first_and_halves():
     throttle = long
     downloads(16, 0.05)
     assert long.limit == 1
+
+
+def test_ctrl_c_delivered_to_a_worker_thread_stops_the_batch_soon():
+    """The kernel may hand SIGINT to any thread; Python handles it on the main
+    thread, which must not sleep through it until the jobs end."""
+    import signal
+
+    started, release, stopped = threading.Event(), threading.Event(), threading.Event()
+    workers: list[int] = []
+
+    def serve(job: int, slot) -> None:
+        workers.append(threading.get_ident())
+        started.set()
+        release.wait(30)
+
+    def interrupt() -> None:
+        assert started.wait(30)
+        signal.pthread_kill(workers[0], signal.SIGINT)
+        try:  # the main thread has noticed, and stops the batch
+            assert stopped.wait(5), "Ctrl-C was not noticed while the job ran"
+        finally:
+            release.set()
+
+    checker = threading.Thread(target=interrupt)
+    checker.start()
+    with pytest.raises(KeyboardInterrupt):
+        Throttle(1).run([1, 2], serve, threads=1, on_stop=stopped.set)
+    checker.join(30)
+    assert stopped.is_set() and len(workers) == 1  # the job under way ended; no other began
