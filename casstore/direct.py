@@ -214,6 +214,9 @@ class Pool:
         self._lock = threading.Lock()
         self._closed = False
         self._netrc: tuple[Any, Any] | None = None  # (stat key, parsed or None)
+        # By URL, its host if its shape suits this pool, else None: a batch asks
+        # for each of its URLs twice (its helper's share, then the download).
+        self._hosts: dict[str, str | None] = {}
         _pools.add(self)
 
     def takes(self, url: str) -> bool:
@@ -226,18 +229,17 @@ class Pool:
         return [self._takes(url, netrc) for url in urls]
 
     def _takes(self, url: str, netrc: dict[str, bool]) -> bool:
-        if self.proxied or not _PLAIN_URL.fullmatch(url):
+        if self.proxied:
             return False
         try:
-            parts = urlsplit(url)
-            host, _ = parts.hostname, parts.port
-        except ValueError:  # a bad port or IPv6 literal: httpx says what is wrong
+            host = self._hosts[url]
+        except KeyError:
+            if len(self._hosts) >= 1 << 16:
+                self._hosts.clear()
+            host = self._hosts[url] = _plain_host(url)
+        if host is None:
             return False
-        if _DOT_SEGMENT.search(parts.path) or (not parts.query and "?" in url):
-            return False
-        if not host or parts.username is not None:
-            return False
-        if host not in netrc:
+        if host not in netrc:  # (asked each time: the file may change meanwhile)
             netrc[host] = self._has_netrc_entry(host)
         return not netrc[host]
 
@@ -518,3 +520,20 @@ def _is_quiet(sock: Any) -> bool:
     except (OSError, ValueError):
         return False
     return not readable
+
+
+def _plain_host(url: str) -> str | None:
+    """The host of ``url`` if the pool can GET it (plain http or https, no
+    credentials, dot segments or empty query), else None."""
+    if not _PLAIN_URL.fullmatch(url):
+        return None
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port
+    except ValueError:  # a bad port or IPv6 literal: httpx says what is wrong
+        return None
+    if _DOT_SEGMENT.search(parts.path) or (not parts.query and "?" in url):
+        return None
+    if not host or parts.username is not None:
+        return None
+    return host

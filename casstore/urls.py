@@ -20,12 +20,23 @@ _SECRET_PARAM = re.compile(
 
 # anaconda.org-style channel tokens: https://host/t/<token>/channel/...
 _TOKEN_SEGMENT = re.compile(r"/t/[^/]+(?=/)")
+# An http(s) URL of printable ASCII with no userinfo, query, fragment,
+# brackets or backslash: valid, and with nothing to redact (with no "/t/").
+# Most URLs are such; this match costs ~0.3 us against ~4 for urlsplit's.
+_SAFE = "".join(re.escape(chr(c)) for c in range(ord("!"), ord("~") + 1) if chr(c) not in "@?#[]\\")
+_PLAIN = re.compile(f"https?://[{_SAFE.replace('/', '').replace(':', '')}][{_SAFE}]*")
+
+
+def _plain(url: str) -> bool:
+    return _PLAIN.fullmatch(url) is not None and "/t/" not in url
 
 
 @functools.lru_cache(maxsize=1024)  # a batch redacts each URL several times
 def redact(url: str) -> str:
     """``url`` with userinfo, ``/t/<token>/`` segments and secret-looking query
     values replaced by ``***``."""
+    if _plain(url):
+        return url
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -59,6 +70,8 @@ def check_url(url: str) -> str:
     Raises:
         InvalidInput: unsupported scheme or no host (the URL is redacted in the message).
     """
+    if _plain(url):
+        return url
     try:
         parts = urlsplit(url)
     except ValueError as exc:
