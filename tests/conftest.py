@@ -159,6 +159,24 @@ def run_probed(
     )
 
 
+def refuse_rows(store, sha256: str) -> None:
+    """Make the index refuse any row for ``sha256`` (a trigger, as a full disk
+    or a broken index would)."""
+    import sqlite3
+
+    store.layout.ensure()
+    store.index.conn  # noqa: B018 - create the schema
+    db = sqlite3.connect(store.root / "index.db")
+    try:
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON objects "
+            f"WHEN NEW.sha256 = '{sha256}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        db.commit()
+    finally:
+        db.close()
+
+
 class HeldLock:
     """A thread holding the single-flight lock for ``key`` (as another process
     downloading that artifact would) from entry until ``let_go``."""

@@ -20,7 +20,7 @@ import pytest
 from casstore import BatchError, CasError, DownloadError, HashMismatch, Request, Store
 from casstore.ingest import parse_temp_name
 
-from .conftest import HeldLock, assert_store_consistent, blob, sha
+from .conftest import HeldLock, assert_store_consistent, blob, refuse_rows, sha
 from .test_races import ROOT, _start_together
 
 pytestmark = pytest.mark.timeout(120)
@@ -303,8 +303,6 @@ def test_an_item_whose_row_cannot_be_written_fails_alone(store, store_dir, origi
     index would): that item is an error, the others are fetched and indexed.  The
     row goes in a group after delivery (queued), in its round (an item trusted on
     first use: its waiters need it), or with its link."""
-    import sqlite3
-
     items = _small(origin, 6)
     refused = items[3][1]
     requests = [Request(url, sha256=digest) for url, digest in items]
@@ -315,15 +313,7 @@ def test_an_item_whose_row_cannot_be_written_fails_alone(store, store_dir, origi
             Request(url, sha256=digest, dest=str(tmp_path / "out" / str(i)))
             for i, (url, digest) in enumerate(items)
         ]
-    store.layout.ensure()
-    store.index.conn  # noqa: B018 - create the schema
-    db = sqlite3.connect(store_dir / "index.db")
-    db.execute(
-        "CREATE TRIGGER refuse BEFORE INSERT ON objects "
-        f"WHEN NEW.sha256 = '{refused}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
-    )
-    db.commit()
-    db.close()
+    refuse_rows(store, refused)
     results = store.ensure_many(requests, concurrency=1)
     assert isinstance(results[3], CasError) and "refused" in str(results[3])
     for i, (url, digest) in enumerate(items):

@@ -24,7 +24,7 @@ from casstore import Request, Store
 from casstore.errors import DownloadError
 from casstore.spread import HELPER_NAME, SPREAD_MIN, wanted
 
-from .conftest import assert_store_consistent, blob, sha
+from .conftest import assert_store_consistent, blob, refuse_rows, sha
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -193,16 +193,7 @@ def test_the_batch_writes_the_rows_of_what_the_helper_fetched(store, store_dir, 
     """The helper never writes the index: a row the index refuses (a trigger, as
     a full disk would) fails that item in the batch's results, and only it."""
     items = _items(origin, 8)
-    refused = sha(items[7][1])  # the helper's first item
-    store.layout.ensure()
-    store.index.conn  # noqa: B018 - create the schema
-    db = sqlite3.connect(store_dir / "index.db")
-    db.execute(
-        "CREATE TRIGGER refuse BEFORE INSERT ON objects "
-        f"WHEN NEW.sha256 = '{refused}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
-    )
-    db.commit()
-    db.close()
+    refuse_rows(store, sha(items[7][1]))  # the helper's first item
     with Held(origin, "/f0", "/f1"):
         pairs = [(u, sha(d)) for u, d in items]
         batch, out = _in_thread(lambda: store.ensure_many(pairs, concurrency=2, processes=2))
