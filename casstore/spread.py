@@ -36,7 +36,8 @@ process's lock) are passed on for the batch to give.
 The batch runs one worker fewer while it has a helper, so that ``concurrency``
 downloads at most are under way.  A store has at most one helper per spare
 core at a time (``_free_slot``).  A helper that answers nothing for a second
-gets nothing more, and the batch takes back what it had not begun.  The
+gets nothing more, and the batch takes back what it has not said it began
+(the item's lock decides, should it have begun one).  The
 helper ends at once when its input ends without a ``q`` (the batch died);
 the batch kills it once every item it was handed is reported or taken back.
 
@@ -91,7 +92,8 @@ _BOOT = (
 _HANDED, _BEGUN, _DONE, _BACK = "handed", "begun", "done", "back"
 # The helper holds back its reports of items that took less than REPORT_AGE
 # each, and sends them together once REPORTS are held, the first was held
-# REPORT_AGE ago, it has nothing more in hand, or the batch asks for one.
+# REPORT_AGE ago, it has nothing more in hand, the batch asks for one, or it
+# is told to stop.
 REPORTS = 16
 REPORT_AGE = 0.005
 # What ps and top show for a helper (15 characters at most, Linux's limit).
