@@ -166,6 +166,7 @@ class Share:
         self._on_fetched = on_fetched
         self._per_item: float | None = None
         self._gone = False
+        self._stopping = False  # told to stop: close() gives it a moment to report
         self.proc: subprocess.Popen[bytes] | _Forked | None = None
         self.forked = False
         slot = _free_slot(layout)
@@ -255,6 +256,7 @@ class Share:
         """The batch is stopping: the helper ends after the item in hand."""
         with self._lock:
             self._free = 0
+            self._stopping = True
         self._write(b"q\n")
 
     def _stalled(self) -> None:
@@ -278,20 +280,28 @@ class Share:
 
     def close(self) -> None:
         """Stop the helper and reap it.  By now it holds nothing the batch waits
-        for, unless ``patience`` ran out (then its temp is left to gc)."""
+        for, unless ``patience`` ran out (then its temp is left to gc), or the
+        batch was stopped: then the helper is given ``ANSWER_WITHIN`` to end
+        after its item in hand and report it, and what it held back, before
+        it is killed (their objects would be left without rows)."""
         proc = self.proc
         if proc is None:
             return
         with self._lock:
             self._free = 0
-        # Killed, not asked: the talk thread may be writing to its input, and
-        # a stopped process takes no other signal.
-        proc.kill()
-        proc.wait()
-        self._thread.join()
-        for stream in (proc.stdin, proc.stdout):
-            _close(stream)
-        _shares.discard(self)
+            stopping = self._stopping
+        try:
+            if stopping:
+                self._thread.join(ANSWER_WITHIN)  # its output ends as it exits
+        finally:
+            # Killed, not asked: the talk thread may be writing to its input,
+            # and a stopped process takes no other signal.
+            proc.kill()
+            proc.wait()
+            self._thread.join()
+            for stream in (proc.stdin, proc.stdout):
+                _close(stream)
+            _shares.discard(self)
 
     def _write(self, data: bytes) -> None:
         with self._write_lock:

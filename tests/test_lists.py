@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -298,15 +299,56 @@ def test_ctrl_c_stops_a_fetch_after_the_downloads_under_way(jobs, store_dir, ori
     assert_store_consistent(store_dir)
 
 
+def _indexed(store_dir, digest: str) -> bool:
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(f"file:{store_dir / 'index.db'}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        row = db.execute("SELECT 1 FROM objects WHERE sha256 = ?", (digest,)).fetchone()
+    except sqlite3.Error:  # not made yet
+        return False
+    finally:
+        db.close()
+    return row is not None
+
+
 def test_ctrl_c_stops_a_batchs_helper_after_its_item_in_hand(store_dir, origin, tmp_path):
+    """The batch's own download ends first; the helper's item in hand, let go
+    only then, is still fetched and indexed: the batch waits for the helper to
+    end (a second at most) rather than kill it with its reports unsent."""
     # One batch worker and the helper, each held on its first item.
     proc, items = _held_fetch(store_dir, origin, tmp_path, 300, jobs=2, processes=2)
     assert sorted(seen.path for seen in origin.requests()) == ["/c0.bin", "/c299.bin"]
-    said, err = _ctrl_c(proc, origin, items)
-    assert "stopping: waiting for 1 download(s) under way" in said, said  # the batch's own
-    assert (proc.returncode, err) == (1, "casstore: aborted")
+
+    def stored(path: str) -> Path:
+        digest = sha(items[path])
+        return store_dir / "sha256" / digest[:2] / digest[2:4] / digest
+
+    try:
+        proc.send_signal(signal.SIGINT)
+        said = proc.stderr.readline().decode()
+        assert "stopping: waiting for 1 download(s) under way" in said, said  # the batch's own
+        origin.routes["/c0.bin"].gate.set()
+        # Its row is written as the batch closes, just before it ends the helper.
+        deadline = time.monotonic() + 60
+        while not _indexed(store_dir, sha(items["/c0.bin"])):
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        origin.routes["/c299.bin"].gate.set()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        for path in items:
+            origin.routes[path].gate.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, err.decode().strip()) == (1, "casstore: aborted")
     assert sorted(seen.path for seen in origin.requests()) == ["/c0.bin", "/c299.bin"]
-    assert_store_consistent(store_dir, allow_temps=True)  # the helper may be killed mid-item
+    assert stored("/c299.bin").is_file()
+    assert_store_consistent(store_dir, indexed=True)
 
 
 def test_a_second_ctrl_c_leaves_at_once(store_dir, origin, tmp_path):
