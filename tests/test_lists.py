@@ -262,15 +262,18 @@ def _held_fetch(store_dir, origin, tmp_path, n: int, *, jobs: int = 2, processes
     return proc, items
 
 
-def _ctrl_c(proc, origin, items, *, twice: bool = False) -> tuple[str, str]:
+def _ctrl_c(proc, origin, items, *, twice: bool = False, release=None) -> tuple[str, str]:
     """Ctrl-C (SIGINT) to a held fetch, and with ``twice`` a second one once it
-    has said it is stopping, before the origin lets the held downloads go:
-    (its first stderr line, the rest) once it has exited."""
+    has said it is stopping, before the origin lets the held downloads go (all
+    at once, or as ``release()`` does): (its first stderr line, the rest) once
+    it has exited."""
     try:
         proc.send_signal(signal.SIGINT)
         said = proc.stderr.readline().decode()
         if twice:
             proc.send_signal(signal.SIGINT)
+        elif release is not None:
+            release()
         else:
             for path in items:
                 origin.routes[path].gate.set()
@@ -327,10 +330,7 @@ def test_ctrl_c_stops_a_batchs_helper_after_its_item_in_hand(store_dir, origin, 
         digest = sha(items[path])
         return store_dir / "sha256" / digest[:2] / digest[2:4] / digest
 
-    try:
-        proc.send_signal(signal.SIGINT)
-        said = proc.stderr.readline().decode()
-        assert "stopping: waiting for 1 download(s) under way" in said, said  # the batch's own
+    def release() -> None:
         origin.routes["/c0.bin"].gate.set()
         # Its row is written as the batch closes, just before it ends the helper.
         deadline = time.monotonic() + 60
@@ -338,14 +338,10 @@ def test_ctrl_c_stops_a_batchs_helper_after_its_item_in_hand(store_dir, origin, 
             assert time.monotonic() < deadline
             time.sleep(0.002)
         origin.routes["/c299.bin"].gate.set()
-        _, err = proc.communicate(timeout=60)
-    finally:
-        for path in items:
-            origin.routes[path].gate.set()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert (proc.returncode, err.decode().strip()) == (1, "casstore: aborted")
+
+    said, err = _ctrl_c(proc, origin, items, release=release)
+    assert "stopping: waiting for 1 download(s) under way" in said, said  # the batch's own
+    assert (proc.returncode, err) == (1, "casstore: aborted")
     assert sorted(seen.path for seen in origin.requests()) == ["/c0.bin", "/c299.bin"]
     assert stored("/c299.bin").is_file()
     assert_store_consistent(store_dir, indexed=True)
