@@ -434,10 +434,11 @@ os.register_at_fork(after_in_child=_after_fork)
 
 def serve(job: dict[str, Any], rfd: int = 0, wfd: int = 1) -> None:
     """The helper: fetch the positions handed to it, highest first, one at a
-    time: ``b`` as it begins one, ``d`` once it is in the store (or failed,
-    with why).  A thread reads the input (``rfd``) meanwhile, so that an item
-    asked back is given back at once, and the input's end without a ``q``
-    (the batch died) ends the helper there and then.  Never returns.
+    time, and say ``d`` for each once it is in the store (or failed, with
+    why); quick ones are held back and said together (``REPORTS``).  A thread
+    reads the input (``rfd``) meanwhile, so that an item asked back is given
+    back (or said begun) at once, and the input's end without a ``q`` (the
+    batch died) ends the helper there and then.  Never returns.
 
     It never opens the index: the batch writes the rows of what it fetched.
     (A forked helper must not use SQLite at all: the parent's connection state
