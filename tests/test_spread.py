@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from casstore import Request, Store
+from casstore import Request, Store, spread
 from casstore.errors import DownloadError
-from casstore.spread import HELPER_NAME, SPREAD_MIN, wanted
+from casstore.spread import HELPER_NAME, SPREAD_MIN, SPREAD_MIN_FORKED, wanted
 
 from .conftest import assert_store_consistent, blob, refuse_rows, sha
 
@@ -437,10 +437,15 @@ def test_no_helper_when_the_stores_slots_are_taken_or_nothing_is_missing(
     assert_store_consistent(store_dir, indexed=True)
 
 
-def test_when_a_batch_wants_a_helper(monkeypatch):
+@pytest.mark.parametrize("forked", [False, True])
+def test_when_a_batch_wants_a_helper(forked, monkeypatch):
+    """From SPREAD_MIN items where the helper would be started afresh, from
+    SPREAD_MIN_FORKED where it can be forked (a process running one thread)."""
+    monkeypatch.setattr(spread, "_may_fork", lambda: forked)
+    least = SPREAD_MIN_FORKED if forked else SPREAD_MIN
     cores = len(os.sched_getaffinity(0))
-    assert wanted(SPREAD_MIN, None) == (cores > 1)
-    assert not wanted(SPREAD_MIN - 1, None)
+    assert wanted(least, None) == (cores > 1)
+    assert not wanted(least - 1, None)
     assert not wanted(10_000, 1) and wanted(1, 2) and not wanted(0, 2)
     monkeypatch.setenv("CASSTORE_PROCESSES", "1")
     assert not wanted(10_000, None)
