@@ -348,19 +348,19 @@ def test_a_forked_helper_leaves_its_batchs_process_as_it_found_it(sigchld, store
     assert_store_consistent(store_dir, indexed=True)
 
 
-@pytest.mark.parametrize("then", ["asked", "stopped"])
-def test_the_helper_holds_back_quick_reports_and_never_opens_the_index(then, store_dir, origin):
+@pytest.mark.parametrize(("then", "n"), [("asked", 3), ("stopped", 3), ("asked", 18)])
+def test_the_helper_holds_back_quick_reports_and_never_opens_the_index(then, n, store_dir, origin):
     """The helper alone, on its pipe: the reports of quick items wait while it
-    fetches the next (one write for many); they go at once when the batch asks
-    for one of them, or stops the helper (which it may kill any moment then).
-    The index is the batch's: the helper never opens it."""
+    fetches the next (one write for many, REPORTS at most); they go at once
+    when the batch asks for one of them, or stops the helper (which it may
+    kill any moment then).  The index is the batch's: the helper never opens it."""
     import pickle
     import re
     import select
 
-    from casstore.spread import _BOOT
+    from casstore.spread import _BOOT, REPORTS
 
-    items = _items(origin, 3)
+    items = _items(origin, n)
     origin.routes["/f0"].gate_after = 0  # its last item, held at the origin
     job = {
         "path": [str(ROOT), *sys.path],
@@ -377,35 +377,38 @@ def test_the_helper_holds_back_quick_reports_and_never_opens_the_index(then, sto
         helper.stdin.write(line)
         helper.stdin.flush()
 
-    def reported(i: int, line: bytes) -> bool:  # "d I US 1 SIZE BLAKE3 URL": in the store
-        return re.fullmatch(rb"d %d \d+ 1 %d [0-9a-f]{64} [0-9a-f]+\n" % (i, 3000 + i), line)
+    def reported(i: int) -> None:  # "d I US 1 SIZE BLAKE3 URL": in the store
+        line = helper.stdout.readline()
+        assert re.fullmatch(rb"d %d \d+ 1 %d [0-9a-f]{64} [0-9a-f]+\n" % (i, 3000 + i), line)
 
+    quick = list(range(n - 1, 0, -1))  # fetched in this order, then /f0
+    sent, held = quick[: len(quick) // REPORTS * REPORTS], quick[len(quick) // REPORTS * REPORTS :]
     with helper:
         try:
             tell(pickle.dumps(job))
             assert helper.stdout.readline() == b"ready\n"
-            tell(b"h 0 3\n")  # /f2, /f1, then /f0
+            tell(b"h 0 %d\n" % n)
             assert origin.routes["/f0"].sent_event.wait(60)
-            # /f2 and /f1 are in the store, their reports held back (lines
-            # written at once would be in the pipe by now).
+            for i in sent:  # REPORTS held: sent together
+                reported(i)
+            # The rest are in the store, their reports held back (lines written
+            # at once would be in the pipe by now).
             assert select.select([helper.stdout], [], [], 0)[0] == []
-            assert all((store_dir / "sha256" / sha(items[i][1])[:2]).is_dir() for i in (1, 2))
+            assert all((store_dir / "sha256" / sha(items[i][1])[:2]).is_dir() for i in held)
             tell(b"x 1\n" if then == "asked" else b"q\n")
-            for i in (2, 1):
-                line = helper.stdout.readline()
-                assert reported(i, line), line
+            for i in held:
+                reported(i)
             if then == "asked":
                 assert helper.stdout.readline() == b"n 1\n"
             origin.routes["/f0"].gate.set()
-            line = helper.stdout.readline()  # held back too, sent once it has nothing in hand
-            assert reported(0, line), line
+            reported(0)  # held back too, sent once it has nothing in hand
             if then == "asked":
                 tell(b"q\n")
             assert helper.wait(60) == 0
         finally:
             origin.routes["/f0"].gate.set()
             helper.kill()
-    assert [origin.count(f"/f{i}") for i in range(3)] == [1, 1, 1]
+    assert [origin.count(f"/f{i}") for i in range(n)] == [1] * n
     assert not (store_dir / "index.db").exists()
     assert_store_consistent(store_dir)
 
