@@ -173,7 +173,6 @@ class Share:
         self._gone = False
         self._stopping = False  # told to stop: close() gives it a moment to report
         self.proc: subprocess.Popen[bytes] | _Forked | None = None
-        self.forked = False
         slot = _free_slot(layout)
         if slot is None:
             return
@@ -187,7 +186,6 @@ class Share:
             if _may_fork():
                 try:
                     self.proc = _Forked(job)
-                    self.forked = True
                 except Exception:  # cannot fork here after all: start one afresh
                     pass
             if self.proc is None:
@@ -210,6 +208,11 @@ class Share:
         _shares.add(self)
         self._thread = threading.Thread(target=self._talk, name="casstore-spread", daemon=True)
         self._thread.start()
+
+    @property
+    def forked(self) -> bool:
+        """Whether the helper was forked (else started afresh, or none)."""
+        return isinstance(self.proc, _Forked)
 
     def take(
         self, group: int, on_wait: Callable[[], None] | None = None
