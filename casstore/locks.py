@@ -28,11 +28,11 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 TYPE_CHECKING = False  # not `typing`: the CLI hit path (hit.py) does not import it
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from .layout import Layout
@@ -41,9 +41,9 @@ DEFAULT_TIMEOUT = 600.0
 # A wait longer than this is announced, naming the artifact (uv#16112 hung silently).
 ANNOUNCE_AFTER = 1.0
 
-# Locks taken by hold_for_process, held (fd) or given up on (None) for the
-# rest of the process, by the lock file's (st_dev, st_ino): the two callers
-# spell the store's path their own ways.  Closed by the process's exit.
+# Locks taken by hold_for_process, held (fd) until a single_flight takes the
+# fd over, or given up on (None) for the rest of the process, by the lock
+# file's (st_dev, st_ino): the two callers spell the store's path their own ways.
 _process_locks: dict[tuple[int, int], int | None] = {}
 
 
@@ -81,9 +81,14 @@ def single_flight(
     """
     path = layout.lock_path(key)
     if _process_locks:
-        held = _held_for_process(path)
-        if held is not None:
-            yield held
+        decided = _take_process_hold(path)
+        if decided is not None:
+            # The hold ends with this block, as this block's own lock would:
+            # a crowd waiting behind the command line's download goes on as
+            # soon as it has published, not when its process exits.
+            held, fd = decided
+            with _holding(fd):
+                yield held
             return
     timeout = lock_timeout() if timeout is None else timeout
     if timeout <= 0:
@@ -103,13 +108,14 @@ def hold_for_process(
     done: Callable[[], bool] | None = None,
 ) -> bool:
     """Wait for the lock file at ``path`` as ``single_flight`` does, and keep it
-    until the process exits; returns whether it is held.
+    for this process's first ``single_flight`` block on it (or until the
+    process exits); returns whether it is held.
 
     For the command line's fast path (hit.py): a ``get`` that misses waits
     here, before importing httpx and the Store, so fifteen processes queued
-    behind one download cost little more than fifteen cache hits.  Later
-    ``single_flight`` calls on this lock in this process use this outcome
-    instead of locking again (their own flock would wait on this one).  When
+    behind one download cost little more than fifteen cache hits.  The next
+    ``single_flight`` on this lock in this process takes this outcome over
+    instead of locking again (its own flock would wait on this one).  When
     ``done`` ends the wait nothing is kept: the caller looks again, and locks
     as usual if it must download after all.  The store must be laid out.
     """
@@ -137,14 +143,23 @@ def hold_for_process(
     return fd is not None
 
 
-def _held_for_process(path: Path) -> bool | None:
-    """What hold_for_process decided for the lock at ``path``, or None if it did not."""
+def _take_process_hold(path: Path) -> tuple[bool, int | None] | None:
+    """What hold_for_process decided for the lock at ``path``: (True, its
+    descriptor), handed over for the caller to release; (False, None) if it gave
+    up on that lock, which stays so, not to be waited for twice; None if it did
+    not decide."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
     key = (st.st_dev, st.st_ino)
-    return None if key not in _process_locks else _process_locks[key] is not None
+    if key not in _process_locks:
+        return None
+    fd = _process_locks[key]
+    if fd is None:
+        return False, None
+    del _process_locks[key]
+    return True, fd
 
 
 @contextmanager
@@ -194,6 +209,7 @@ def _acquire(path: str | Path, *, label: str, timeout: float, on_wait, done=None
     """Wait up to ``timeout`` seconds for the lock, announcing a long wait; its fd or None."""
     start = time.monotonic()
     announced = False
+    poll = DONE_POLL
     blocked: _BlockedFlock | None = None
     try:
         while True:
@@ -226,7 +242,9 @@ def _acquire(path: str | Path, *, label: str, timeout: float, on_wait, done=None
                     continue  # gc removed the file since we tried it: lock the new one
                 except OSError as exc:
                     return _without_lock(label, exc, on_wait)
-            pause = min(DONE_POLL, timeout - waited)
+            pause = timeout - waited
+            if done is not None:
+                pause, poll = min(pause, poll), min(poll * 2, DONE_POLL_MAX)
             if not announced:
                 pause = min(pause, ANNOUNCE_AFTER - waited)
             blocked.granted.wait(max(pause, 0.0))
@@ -244,9 +262,12 @@ def _without_lock(label: str, exc: OSError, on_wait) -> None:
 
 
 # How often a waiter looks whether the holder has published (``done``) while
-# its flock waits: a holder releases the lock right after publishing, which
-# wakes the waiter at once, so this only matters for holders that keep it longer.
-DONE_POLL = 0.05
+# its flock waits: first after 50 ms, then twice as long each time up to
+# 0.4 s.  Holders release the lock right after publishing (the command line's
+# too: single_flight takes its hold over), which wakes the waiter at once, so
+# looking only matters for one that keeps it longer (a slow copy to a
+# ``--dest``); each look costs a waiter ~0.2 ms of CPU.
+DONE_POLL, DONE_POLL_MAX = 0.05, 0.4
 
 # Waits whose descriptor is still their thread's (not yet taken): a child
 # forked meanwhile has no such thread, and closes its copies (_after_fork) so

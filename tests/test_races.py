@@ -262,9 +262,54 @@ def test_no_thread_to_wait_with_means_going_on_without_the_lock(store, monkeypat
     assert _open_fds() == fds - 1  # the holder's, closed; none of the waiter's left
 
 
+def test_a_process_hold_ends_with_the_single_flight_that_takes_it_over(store, monkeypatch):
+    # The command line's downloader (hit.py waited, then the Store downloads):
+    # the processes queued behind it go on once the Store's block has
+    # published, not when the downloader's process exits.
+    holds: dict = {}
+    monkeypatch.setattr(locks, "_process_locks", holds)
+    store.layout.ensure()
+    lock = store.layout.lock_path("k")
+    try:
+        assert locks.hold_for_process(str(lock), label="thing")
+        assert not _free(lock)
+        with single_flight(store.layout, "k", label="thing", timeout=0.5) as held:
+            assert held  # taken over, not waited for (its own flock would wait on the hold)
+            assert not _free(lock)
+        assert _free(lock)
+        with single_flight(store.layout, "k", label="thing", timeout=0.5) as held:
+            assert held and not _free(lock)  # the next block locks afresh
+        assert _free(lock)
+    finally:
+        for fd in holds.values():
+            if fd is not None:
+                os.close(fd)
+
+
+def test_a_waiter_looks_for_the_published_object_less_often_as_it_waits(store):
+    # Each look costs a waiting process ~0.2 ms of CPU; holders release the
+    # lock when they publish, so looking is only the fallback.
+    store.layout.ensure()
+    holder = _flock(store.layout.lock_path("k"))
+    looks: list[float] = []
+    start = time.monotonic()
+    timer = threading.Timer(0.8, os.close, (holder,))
+    timer.start()
+    try:
+        with single_flight(
+            store.layout, "k", label="thing", done=lambda: looks.append(time.monotonic()) and False
+        ) as held:
+            assert held
+    finally:
+        timer.join()
+    assert time.monotonic() - start >= 0.8
+    # After 50 ms, then twice as long each time up to 0.4 s: 5 looks in 0.8 s, not 16.
+    assert 2 <= len(looks) <= 6, [round(t - start, 3) for t in looks]
+
+
 def test_a_process_waiter_granted_a_published_object_lets_the_next_in(store, monkeypatch):
-    # The command line's waiter (hit.py) keeps a lock it must download under for
-    # the rest of the process, but not one granted after the holder published.
+    # The command line's waiter (hit.py) keeps a lock it must download under
+    # (until its Store's block ends), but not one granted after the holder published.
     monkeypatch.setattr(locks, "DONE_POLL", 30.0)  # so only the grant wakes it early
     store.layout.ensure()
     lock = store.layout.lock_path("k")
