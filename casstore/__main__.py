@@ -24,7 +24,37 @@ def main() -> None:
         os._exit(code)
     from .cli import main as cli_main
 
-    cli_main()
+    try:
+        cli_main()
+    except SystemExit as exc:
+        if isinstance(exc.code, int | None):
+            _exit(exc.code or 0)
+        raise
+
+
+def _exit(code: int) -> None:
+    """End the command line's process without the interpreter's teardown.
+
+    The command is done and its store closed (cli.py).  Freeing every object
+    and module one by one takes ~20 ms after a batch of 1,000 files, for
+    memory the kernel takes back at once.  What the teardown would do that
+    matters is done here: the atexit handlers (logging's), and stdout and
+    stderr flushed.  Should a thread of ours still run, or a flush fail, the
+    interpreter exits as usual, to wait for it or to report the failure.
+    """
+    threading = sys.modules.get("threading")
+    main = threading.main_thread() if threading else None
+    if threading and any(t is not main and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)
+    import atexit
+
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        sys.exit(code)
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,8 @@ Exit codes are decided once, in ``main()``, from the error's class.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -39,6 +37,11 @@ class _Context:
             self._store = Store(self.store_dir, **self.store_options)
         return self._store
 
+    def close(self) -> None:
+        """Close the store, if a command made one (its index first of all)."""
+        if self._store is not None:
+            self._store.close()
+
     @property
     def show_progress(self) -> bool:
         """A progress bar only on a terminal, never with -q or --json (SPEC §5)."""
@@ -51,6 +54,8 @@ pass_ctx = click.make_pass_decorator(_Context)
 def _emit(ctx: _Context, data: Any, text: str | None = None) -> None:
     """Machine output: ``data`` as JSON with --json, else ``text``."""
     if ctx.json:
+        import json
+
         click.echo(json.dumps(data, indent=None, sort_keys=False))
     elif text:
         click.echo(text)
@@ -105,6 +110,7 @@ def cli(
     log.setLevel(level)
     log.propagate = False
     click_ctx.obj = _Context(store_dir, as_json, quiet)
+    click_ctx.call_on_close(click_ctx.obj.close)
 
 
 @cli.command()
@@ -276,6 +282,8 @@ def cat(ctx: _Context, ref: str) -> None:
 
     Example: casstore cat my-name > file
     """
+    import shutil
+
     with ctx.store.open(ref) as f:
         try:
             shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)

@@ -34,6 +34,7 @@ import http.client
 import os
 import re
 import select
+import sys
 import threading
 import time
 import weakref
@@ -183,6 +184,19 @@ class _TLSConnection(http.client.HTTPSConnection):
     response_class = _Answer
 
 
+def _proxied() -> bool:
+    """Whether a proxy is configured for http, https or all, as httpx reads it."""
+    if sys.platform not in ("darwin", "win32") and not any(
+        name[-6:].lower() == "_proxy" for name in os.environ
+    ):
+        # Elsewhere urllib.request.getproxies reads only the environment's
+        # *_proxy variables: none, no proxy, without importing it (~2.5 ms).
+        return False
+    from urllib.request import getproxies
+
+    return any(getproxies().get(k) for k in ("http", "https", "all"))
+
+
 class Pool:
     """Kept-alive ``http.client`` connections per origin; safe to share between threads.
 
@@ -201,14 +215,12 @@ class Pool:
         max_redirects: int,
         keep_idle: float = KEEP_IDLE,
     ) -> None:
-        from urllib.request import getproxies
-
         self.headers = headers
         self.tls = tls
         self.connect_timeout = connect_timeout
         self.max_redirects = max_redirects
         self.keep_idle = keep_idle
-        self.proxied = any(getproxies().get(k) for k in ("http", "https", "all"))
+        self.proxied = _proxied()
         # Per origin, the kept connections and when each was given back.
         self._idle: dict[tuple[str, str, int | None], list[tuple[Any, float]]] = {}
         self._lock = threading.Lock()

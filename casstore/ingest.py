@@ -26,7 +26,6 @@ import errno
 import fcntl
 import itertools
 import os
-import secrets
 import socket
 from pathlib import Path
 
@@ -43,7 +42,7 @@ _NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 def temp_name() -> str:
-    return f"{HOST}.{os.getpid()}.{next(_counter)}.{secrets.token_hex(16)}.tmp"
+    return f"{HOST}.{os.getpid()}.{next(_counter)}.{os.urandom(16).hex()}.tmp"
 
 
 def parse_temp_name(name: str) -> tuple[str, int] | None:
@@ -260,7 +259,7 @@ def publish(
 def quarantine(layout: Layout, obj: Path) -> Path | None:
     """Move a bad object out of ``sha256/`` so it is never served again."""
     layout.quarantine.mkdir(parents=True, exist_ok=True)
-    target = layout.quarantine / f"{obj.name}.{secrets.token_hex(4)}"
+    target = layout.quarantine / f"{obj.name}.{os.urandom(4).hex()}"
     try:
         os.rename(obj, target)
     except FileNotFoundError:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import secrets
-import shutil
 import stat
 import threading
 from pathlib import Path
@@ -77,7 +75,7 @@ def materialize(src: Path, dest: Path, mode: LinkMode, *, sha256: str, force: bo
     if existing:
         return existing
     dest.parent.mkdir(parents=True, exist_ok=True)
-    temp = dest.parent / f".{dest.name}.{secrets.token_hex(8)}.casstore-tmp"
+    temp = dest.parent / f".{dest.name}.{os.urandom(8).hex()}.casstore-tmp"
     try:
         method = _make(src, temp, dest, mode)
         os.replace(temp, dest)
@@ -196,6 +194,8 @@ def _reflink(src: Path, temp: Path) -> bool:
 
 
 def _copy(src: Path, temp: Path) -> None:
+    import shutil  # ~2 ms (its compression modules), for the copy fallback only
+
     shutil.copyfile(src, temp)
     os.chmod(temp, 0o644)
 

@@ -352,3 +352,44 @@ def test_readme_setup_example_runs(run_cli):
     r = run_cli("get", "file://" + os.path.abspath(readme))
     assert r.returncode == 0 and "first use" in r.stderr.decode()
     assert os.path.isfile(r.stdout.decode().strip())
+
+
+def test_the_command_line_closes_its_index_before_it_exits(run_cli, origin, store_dir, tmp_path):
+    # It leaves without the interpreter's teardown (__main__._exit), so its store
+    # is closed first: SQLite checkpoints and removes the WAL, as at any close.
+    items = [blob(100, seed=i) for i in range(3)]
+    listing = tmp_path / "list.txt"
+    lines = [f"{origin.add(f'/c{i}', d)} {sha(d)}\n" for i, d in enumerate(items)]
+    listing.write_text("".join(lines))
+    r = run_cli("fetch", str(listing))
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.decode().splitlines()) == 3
+    assert (store_dir / "index.db").exists()
+    assert not (store_dir / "index.db-wal").exists()
+    assert_store_consistent(store_dir, indexed=True)
+
+
+_QUICK_EXIT = """
+import atexit, sys, threading, time
+from casstore.__main__ import _exit
+atexit.register(lambda: print("atexit ran", end=""))
+sys.stdout.write("buffered;")
+if sys.argv[1] == "thread":
+    def late():
+        time.sleep(0.5)  # still running when _exit looks
+        print("thread done;", end="")
+    threading.Thread(target=late).start()
+_exit(5)
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "out"),
+    [("alone", "buffered;atexit ran"), ("thread", "buffered;thread done;atexit ran")],
+)
+def test_the_quick_exit_flushes_runs_atexit_and_waits_for_threads(mode, out):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as usual
+    r = subprocess.run(
+        [sys.executable, "-c", _QUICK_EXIT, mode], capture_output=True, env=env, timeout=30
+    )
+    assert (r.returncode, r.stdout.decode(), r.stderr) == (5, out, b"")

@@ -420,3 +420,27 @@ def test_header_fields_are_looked_up_as_http_client_has_them():
     assert fields.get_all("Set-Cookie") == ["a=1", "b=2"]
     assert fields.get("location") is None and fields.get_all("location") is None
     assert "Etag" in fields and "location" not in fields
+
+
+@pytest.mark.parametrize(
+    ("env", "proxied"),
+    [
+        ({}, False),
+        ({"no_proxy": "example.org"}, False),
+        ({"HTTP_PROXY": ""}, False),
+        ({"https_proxy": "http://127.0.0.1:9"}, True),
+        ({"All_Proxy": "http://127.0.0.1:9"}, True),
+    ],
+)
+def test_a_proxy_is_seen_as_urllib_sees_it(monkeypatch, env, proxied):
+    # The pool leaves proxied requests to httpx; it looks at the environment
+    # without importing urllib.request when no *_proxy variable is set.
+    import urllib.request
+
+    from casstore import direct
+
+    monkeypatch.delenv("NO_PROXY")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    expected = any(urllib.request.getproxies().get(k) for k in ("http", "https", "all"))
+    assert direct._proxied() is proxied is expected
