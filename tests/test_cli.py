@@ -333,7 +333,8 @@ def test_cat_into_a_closed_pipe_is_not_an_error(store_dir):
 
     from casstore import Store
 
-    digest = Store(store_dir).put(blob(4 << 20, seed=3))
+    with Store(store_dir) as store:
+        digest = store.put(blob(4 << 20, seed=3))
     env = {**os.environ, "CASSTORE_DIR": str(store_dir)}
     cat = subprocess.Popen(
         [sys.executable, "-m", "casstore", "cat", digest],
@@ -357,13 +358,14 @@ def test_readme_setup_example_runs(run_cli):
 def test_the_command_line_closes_its_index_before_it_exits(run_cli, origin, store_dir, tmp_path):
     # It leaves without the interpreter's teardown (__main__._exit), so its store
     # is closed first: SQLite checkpoints and removes the WAL, as at any close.
-    items = [blob(100, seed=i) for i in range(3)]
+    # Enough items for a batch's worker threads, each with a connection of its own.
+    items = [blob(100, seed=i) for i in range(40)]
     listing = tmp_path / "list.txt"
     lines = [f"{origin.add(f'/c{i}', d)} {sha(d)}\n" for i, d in enumerate(items)]
     listing.write_text("".join(lines))
     r = run_cli("fetch", str(listing))
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.decode().splitlines()) == 3
+    assert len(r.stdout.decode().splitlines()) == 40
     assert (store_dir / "index.db").exists()
     assert not (store_dir / "index.db-wal").exists()
     assert_store_consistent(store_dir, indexed=True)
