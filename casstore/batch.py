@@ -167,7 +167,7 @@ class GroupCommit:
             self._adopted.append(pending)
             closed = self._closed
         if closed:
-            self.flush()
+            self._flush_and_let_go()
         else:
             self._arm()
 
@@ -264,7 +264,16 @@ class GroupCommit:
     def _due(self) -> None:
         with self._cond:
             self._timer = None
-        self.flush()
+        self._flush_and_let_go()
+
+    def _flush_and_let_go(self) -> None:
+        """``flush`` from a thread that is not one of the batch's workers (the
+        timer's, the one reading the helper's reports), then close that
+        thread's index connection: nothing else closes it (index.py)."""
+        try:
+            self.flush()
+        finally:
+            self.index.close()
 
     def _write_rows(self) -> None:
         pending, self._rows = self._rows, []

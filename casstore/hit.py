@@ -8,8 +8,8 @@ the caller heals, never served).  ``Store`` uses it for every hit.
 the object is already present, with the lightest of the standard library:
 no click, httpx, blake3 or sqlite-utils, and not even pathlib, re or typing
 (~9 ms of CPU together), so a hit costs a process start, a stat and one
-indexed read (~19 ms; `python -c 'import sqlite3'` takes ~17, see
-bench/bench_hit.py).  It
+indexed read (~17 ms, about what `python -c 'import sqlite3'` takes: the
+index loads the C module alone, see index.py; bench/bench_hit.py).  It
 serves only plain URLs (urls.redact would leave them as they are), so it
 needs no ``urllib.parse`` either.  On a miss it waits,
 still that light, while another process fetches the same digest, so a crowd

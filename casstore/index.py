@@ -150,13 +150,6 @@ class Index:
             self._lay_out = store.ensure
         self._local = threading.local()
         self._open_lock = threading.Lock()
-        # Every connection opened, with its process and thread, so that close()
-        # closes them all: a finished thread's connection is not freed with the
-        # thread (it sits in a reference cycle with its statement cache) and
-        # would stay open, its WAL unchecked, until the garbage collector ran,
-        # which a command line that leaves without its teardown never does.
-        self._opened: list[tuple[int, threading.Thread, sqlite3.Connection]] = []
-        self._closes = 0  # close() calls so far: a thread's older connection is closed
 
     # -- connections -------------------------------------------------------
 
@@ -164,10 +157,9 @@ class Index:
     def conn(self) -> sqlite3.Connection:
         local = self._local
         conn = getattr(local, "conn", None)
-        if conn is None or local.pid != os.getpid() or local.closes != self._closes:
+        if conn is None or local.pid != os.getpid():
             conn = self._connect()
-            local.conn, local.pid, local.closes = conn, os.getpid(), self._closes
-            self._keep(conn)
+            local.conn, local.pid = conn, os.getpid()
         return conn
 
     @property
@@ -182,28 +174,22 @@ class Index:
         return db
 
     def close(self) -> None:
-        """Close every connection this process opened, each thread's; a thread
-        that uses the index afterwards opens a new one."""
-        pid = os.getpid()
-        with self._open_lock:
-            self._closes += 1
-            mine = [conn for p, _, conn in self._opened if p == pid]
-            # A forked parent's connections are not ours to close: SQLite would
-            # checkpoint, even remove, the WAL the parent is using.
-            self._opened = []
-        self._local.conn = None
-        for conn in mine:
-            conn.close()
+        """Close the calling thread's connection (each thread opens its own).
 
-    def _keep(self, conn: sqlite3.Connection) -> None:
-        """Remember ``conn``; close those of this process's threads that have ended."""
-        pid, me = os.getpid(), threading.current_thread()
-        with self._open_lock:
-            ended = [c for p, t, c in self._opened if p == pid and not t.is_alive()]
-            self._opened = [e for e in self._opened if e[0] == pid and e[1].is_alive()]
-            self._opened.append((pid, me, conn))
-        for c in ended:
-            c.close()
+        A thread that ends without closing its connection leaves it open until
+        the garbage collector finds it (it sits in a reference cycle), which a
+        command line that leaves without the interpreter's teardown never
+        runs: the WAL would stay unchecked.  So casstore's own threads close
+        theirs as they end (a batch's workers, its row timer, the thread
+        reading its helper's reports).  Never another thread's: closing a
+        connection while another thread runs a statement on it can crash the
+        interpreter.
+        """
+        local = self._local
+        conn = getattr(local, "conn", None)
+        local.conn = None
+        if conn is not None and local.pid == os.getpid():
+            conn.close()  # (a forked parent's is not the child's to close)
 
     def _connect(self) -> sqlite3.Connection:
         self._lay_out()

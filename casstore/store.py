@@ -707,6 +707,7 @@ class Store:
                 lambda job, slot: serve_group(*job, committer, slot, share),
                 threads=workers,
                 on_stop=share.stop if share is not None else None,
+                on_thread_end=self.index.close,  # each worker's own connection
             )
 
         if reqs:

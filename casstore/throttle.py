@@ -143,9 +143,11 @@ class Throttle:
         *,
         threads: int,
         on_stop: Callable[[], None] | None = None,
+        on_thread_end: Callable[[], None] | None = None,
     ) -> None:
         """``serve(job, slot)`` each job, in order, on up to ``threads`` threads, at
-        most ``limit`` of them at once; return once all are served.
+        most ``limit`` of them at once; return once all are served.  Each thread
+        calls ``on_thread_end()`` as it ends, before this returns.
 
         A thread keeps its slot from one job to the next, and gives it up
         when it is over the limit, when the jobs run out, and while ``serve``
@@ -197,11 +199,15 @@ class Throttle:
                 with self._cond:
                     todo.clear()
             finally:
-                with self._cond:
-                    if slot._held:
-                        self._running -= 1
-                    live[0] -= 1
-                    self._cond.notify_all()  # the jobs may have run out: parked threads end
+                try:
+                    if on_thread_end is not None:
+                        on_thread_end()
+                finally:
+                    with self._cond:
+                        if slot._held:
+                            self._running -= 1
+                        live[0] -= 1
+                        self._cond.notify_all()  # the jobs may have run out: parked threads end
 
         def wait() -> None:
             with self._cond:

@@ -6,11 +6,13 @@ are forced with the origin's gates and the store's own locks, never sleeps.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -266,6 +268,49 @@ def test_a_queued_row_is_written_when_no_other_round_comes(store, store_dir):
     assert store.index.get_object(digest) is not None
     committer.close()
     assert_store_consistent(store_dir)
+
+
+def _index_fds(store) -> int:
+    """Descriptors of this process open on the store's index file."""
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds += os.readlink(f"/proc/self/fd/{fd}") == str(store.index.path)
+        except OSError:
+            pass  # the listing's own descriptor, closed by now
+    return fds
+
+
+@pytest.mark.parametrize("thread", ["workers", "timer"])
+def test_a_batchs_threads_close_their_index_connections(store, origin, thread):
+    # A finished thread's connection sits in a reference cycle until the garbage
+    # collector runs, and the command line leaves without it: each of the
+    # batch's threads closes its own as it ends, and the last close
+    # checkpoints the WAL.
+    from casstore.batch import GroupCommit
+
+    gc.disable()
+    try:
+        if thread == "workers":
+            store.get_many(_small(origin, 40), concurrency=8, processes=1)
+        else:
+            store.layout.ensure()
+            threads = threading.active_count()
+            committer = GroupCommit(store.layout, store.index, rows_age=0.05)
+            ingest, digest = _sealed(store.layout, blob(5000, seed=302))
+            with ingest:
+                committer.commit(ingest, digest, {})
+            deadline = time.monotonic() + 20
+            while threading.active_count() > threads or store.index.get_object(digest) is None:
+                assert time.monotonic() < deadline, "the timer never wrote the row"
+                time.sleep(0.01)
+            committer.close()
+        assert _index_fds(store) > 0  # this thread's connection
+        store.close()
+        assert _index_fds(store) == 0
+        assert not Path(f"{store.index.path}-wal").exists()
+    finally:
+        gc.enable()
 
 
 def test_a_helpers_object_has_its_row_queued_with_the_batchs_own(store, store_dir):

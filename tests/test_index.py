@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import multiprocessing
-import os
 import sqlite3
-import threading
 from pathlib import Path
 
 import pytest
@@ -128,56 +125,3 @@ def test_rows_are_dropped_or_added_only_as_the_disk_says_inside_the_transaction(
     rows = [(gone, 1, None, 0.0), ("ef" * 32, 1, None, 0.0)]
     assert index.index_objects(rows, present={"ef" * 32}.__contains__) == 1
     assert index.get_object(gone) is None
-
-
-def _index_fds(path: Path) -> int:
-    """This process's descriptors open on ``path`` (the database file itself)."""
-    fds = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            fds += os.readlink(f"/proc/self/fd/{fd}") == str(path)
-        except OSError:
-            pass  # the listing's own descriptor, closed by now
-    return fds
-
-
-def test_close_closes_every_threads_connection(store_dir):
-    # A thread's connection outlives the thread until the garbage collector
-    # finds it (a reference cycle); the command line leaves without running it.
-    index = Store(store_dir).index
-    path = Path(index.path)
-    main = index.conn
-    gc.disable()
-    try:
-        conns: list[sqlite3.Connection] = []
-        opened = threading.Barrier(3)  # all three alive with a connection each
-
-        def use() -> None:
-            conns.append(index.conn)
-            opened.wait(30)
-
-        threads = [threading.Thread(target=use) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert _index_fds(path) == 4
-        # Another thread's connection: those of the threads that ended are closed
-        # (SQLite may keep their descriptors for reuse while others are open).
-        extra = threading.Thread(target=lambda: conns.append(index.conn))
-        extra.start()
-        extra.join()
-        for conn in conns[:3]:
-            with pytest.raises(sqlite3.ProgrammingError):
-                conn.execute("SELECT 1")
-        conns[3].execute("SELECT 1")
-        index.close()
-        assert _index_fds(path) == 0
-        assert not Path(f"{path}-wal").exists()  # the last close checkpointed it
-        with pytest.raises(sqlite3.ProgrammingError):
-            main.execute("SELECT 1")
-        assert index.get_object("0" * 64) is None  # used again: a new connection
-        assert _index_fds(path) == 1
-    finally:
-        gc.enable()
-        index.close()
