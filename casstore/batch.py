@@ -134,6 +134,7 @@ class GroupCommit:
         self._rows: list[_Pending] = []  # published, rows not yet written (leaders only)
         self._since = 0.0
         self._timer: threading.Timer | None = None
+        self._firing = 0  # timers that fired and are not done yet
         self._adopted: list[_Pending] = []  # rows of objects a helper published
         self._closed = False
 
@@ -180,13 +181,18 @@ class GroupCommit:
             raise marker.error  # Ctrl-C and the like
 
     def close(self) -> None:
-        """Write every queued row and stop the timer; call once the workers are done."""
+        """Write every queued row and stop the timer; call once the workers are done.
+        Returns once a timer that has fired meanwhile is done too (its thread's
+        connection closed)."""
         with self._cond:
             self._closed = True
             timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
         self.flush()
+        with self._cond:
+            while self._firing:
+                self._cond.wait()
 
     def _arm(self) -> None:
         """Have a round write the queued rows ``rows_age`` seconds from now, if
@@ -264,7 +270,13 @@ class GroupCommit:
     def _due(self) -> None:
         with self._cond:
             self._timer = None
-        self._flush_and_let_go()
+            self._firing += 1
+        try:
+            self._flush_and_let_go()
+        finally:
+            with self._cond:
+                self._firing -= 1
+                self._cond.notify_all()
 
     def _flush_and_let_go(self) -> None:
         """``flush`` from a thread that is not one of the batch's workers (the

@@ -67,9 +67,17 @@ def serve(argv: list[str]) -> int | None:
     args = _parse(argv)
     if args is None:
         return None
-    root, url, sha256, quiet = args
+    index = Index(args[0])
+    code = _serve(index, *args)
+    if code is None:
+        # The full command line takes over with connections of its own, and
+        # closes them before it leaves: this one too, or the WAL would stay.
+        index.close()
+    return code
+
+
+def _serve(index: Index, root: str, url: str, sha256: str, quiet: bool) -> int | None:
     obj = os.path.join(root, object_name(sha256))
-    index = Index(root)
     try:
         status = MISSING
         if os.path.exists(os.path.join(root, INDEX)):  # else the store is new: do not create it yet

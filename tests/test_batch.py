@@ -313,6 +313,36 @@ def test_a_batchs_threads_close_their_index_connections(store, origin, thread):
         gc.enable()
 
 
+def test_close_waits_for_a_timer_that_has_fired(store):
+    # Else the command line could leave while the timer's thread still holds
+    # its connection, and the WAL would stay (its close is the last).
+    from casstore.batch import GroupCommit
+
+    store.layout.ensure()
+    committer = GroupCommit(store.layout, store.index, rows_age=0.01)
+    fired, go = threading.Event(), threading.Event()
+    flush = committer._flush_and_let_go
+
+    def held_flush() -> None:
+        fired.set()
+        assert go.wait(30)
+        flush()
+
+    committer._flush_and_let_go = held_flush  # type: ignore[method-assign]
+    ingest, digest = _sealed(store.layout, blob(5000, seed=303))
+    with ingest:
+        committer.commit(ingest, digest, {})
+    assert fired.wait(30)
+    closing = threading.Thread(target=committer.close)
+    closing.start()
+    closing.join(0.3)  # (a bound for a negative: with the wait it stays blocked)
+    assert closing.is_alive(), "close() returned while the timer was still writing"
+    go.set()
+    closing.join(30)
+    assert not closing.is_alive()
+    assert store.index.get_object(digest) is not None
+
+
 def test_a_helpers_object_has_its_row_queued_with_the_batchs_own(store, store_dir):
     """``adopt``: the row of an object a helper process published is queued like
     the batch's own rows and written by the next round that writes them; one

@@ -371,6 +371,31 @@ def test_the_command_line_closes_its_index_before_it_exits(run_cli, origin, stor
     assert_store_consistent(store_dir, indexed=True)
 
 
+def test_a_hit_that_turns_out_a_miss_closes_its_index_too(run_cli, origin, store_dir):
+    # The fast path (hit.py) read the index, then finds the object bad and hands
+    # over to the full command line: its connection must not outlive it (the
+    # collector is off here, as it may not run before the quick exit).
+    data = b"gets healed"
+    url = origin.add("/heal", data)
+    assert run_cli("get", url, "--sha256", sha(data)).returncode == 0
+    obj = store_dir / "sha256" / sha(data)[:2] / sha(data)[2:4] / sha(data)
+    obj.chmod(0o644)
+    with open(obj, "ab") as f:
+        f.write(b"!")  # the wrong size: not a hit
+    code = (
+        "import gc, sys\n"
+        "gc.disable()\n"
+        "from casstore.__main__ import main\n"
+        f"sys.argv = ['casstore', 'get', {url!r}, '--sha256', {sha(data)!r}]\n"
+        "main()\n"
+    )
+    env = {**os.environ, "CASSTORE_DIR": str(store_dir)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert obj.read_bytes() == data
+    assert not (store_dir / "index.db-wal").exists()
+
+
 _QUICK_EXIT = """
 import atexit, sys, threading, time
 from casstore.__main__ import _exit
