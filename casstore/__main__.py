@@ -43,8 +43,9 @@ def _exit(code: int) -> None:
     interpreter exits as usual, to wait for it or to report the failure.
     """
     threading = sys.modules.get("threading")
-    main = threading.main_thread() if threading else None
-    if threading and any(t is not main and not t.daemon for t in threading.enumerate()):
+    if threading and any(
+        t is not threading.main_thread() and not t.daemon for t in threading.enumerate()
+    ):
         sys.exit(code)
     import atexit
 
