@@ -11,36 +11,32 @@ def main() -> None:
     from .hit import serve
 
     code = serve(sys.argv[1:])
-    if code is not None:
-        # Served: the path is written and flushed, the index row committed.
-        # Skipping the interpreter's teardown (module clean-up, and closing
-        # SQLite, which checkpoints the WAL) saves a hit ~2-3 ms of CPU, and
-        # most of the tail when a crowd of waiters wakes at once (15 waiters:
-        # ~50 ms from the holder's release to the last exit, ~15 ms without).
-        try:
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass  # a closed or broken stderr: the hit is served all the same
-        os._exit(code)
-    from .cli import main as cli_main
+    if code is None:
+        from .cli import main as cli_main
 
-    try:
-        cli_main()
-    except SystemExit as exc:
-        if isinstance(exc.code, int | None):
-            _exit(exc.code or 0)
-        raise
+        try:
+            cli_main()
+        except SystemExit as exc:
+            if not isinstance(exc.code, int | None):
+                raise
+            code = exc.code or 0
+    _exit(code or 0)
 
 
 def _exit(code: int) -> None:
-    """End the command line's process without the interpreter's teardown.
+    """End the process without the interpreter's teardown.
 
-    The command is done and its store closed (cli.py).  Freeing every object
-    and module one by one takes ~20 ms after a batch of 1,000 files, for
-    memory the kernel takes back at once.  What the teardown would do that
-    matters is done here: the atexit handlers (logging's), and stdout and
-    stderr flushed.  Should a thread of ours still run, or a flush fail, the
-    interpreter exits as usual, to wait for it or to report the failure.
+    The command is done: a hit served (its path written, its row committed),
+    or a full command run and its store closed (cli.py).  The teardown frees
+    every object and module one by one (~20 ms after a batch of 1,000 files)
+    for memory the kernel takes back at once; a hit also skips closing
+    SQLite, which checkpoints the WAL: ~2-3 ms of CPU, and most of the tail
+    when a crowd of waiters wakes at once (15 waiters: ~50 ms from the
+    holder's release to the last exit, ~15 ms without).  What the teardown
+    would do that matters is done here: the atexit handlers (logging's), and
+    stdout and stderr flushed.  Should a thread of ours still run, or a flush
+    fail, the interpreter exits as usual, to wait for it or to report the
+    failure.
     """
     threading = sys.modules.get("threading")
     if threading and any(
