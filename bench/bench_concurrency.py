@@ -96,7 +96,9 @@ def origin_process(spec: dict):
 
 
 def _cli(*args: str, store: Path) -> list[str]:
-    return [sys.executable, "-m", "casstore", "--store", str(store), *args]
+    from bench.entry import casstore_cli
+
+    return [*casstore_cli(), "--store", str(store), *args]
 
 
 def _children_cpu() -> float:

@@ -140,10 +140,10 @@ def run(cmd: list[str], **kw) -> float:
 
 
 def casstore_cmd(store: Path, lock: Path, pkgs: Path) -> list[str]:
+    from bench.entry import casstore_cli
+
     return [
-        sys.executable,
-        "-m",
-        "casstore",
+        *casstore_cli(),
         "--store",
         str(store),
         "-q",

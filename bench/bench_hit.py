@@ -2,7 +2,8 @@
 
 Peers, side by side in one run: `python -c 'import sqlite3'` (the floor for any
 Python tool that reads an index) and `python -c pass`; in-process, a bare
-`os.stat` of the object.  Prints medians and ratios.
+`os.stat` of the object.  casstore runs by its console script, as users run it
+(bench/entry.py), and as `python -m casstore`.  Prints medians and ratios.
 
     python bench/bench_hit.py [--runs 40]
 """
@@ -18,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _median_ms(cmd: list[str], env: dict[str, str], runs: int) -> float:
@@ -39,7 +42,10 @@ def main() -> None:
         digest = hashlib.sha256(src.read_bytes()).hexdigest()
         env = {**os.environ, "CASSTORE_DIR": str(Path(tmp) / "store")}
         env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure with .pyc, as installed
-        casstore = [sys.executable, "-m", "casstore", "get", src.as_uri(), "--sha256", digest]
+        from bench.entry import casstore_cli
+
+        get = ["get", src.as_uri(), "--sha256", digest]
+        casstore = [*casstore_cli(), *get]
         subprocess.run(casstore, env=env, stdout=subprocess.DEVNULL, check=True)  # prime
         rows = {
             "python -c pass": _median_ms([sys.executable, "-c", "pass"], env, args.runs),
@@ -47,6 +53,9 @@ def main() -> None:
                 [sys.executable, "-c", "import sqlite3"], env, args.runs
             ),
             "casstore get (hit)": _median_ms(casstore, env, args.runs),
+            "python -m casstore get (hit)": _median_ms(
+                [sys.executable, "-m", "casstore", *get], env, args.runs
+            ),
         }
         base = rows["python -c 'import sqlite3'"]
         print(f"{'process':34} {'median ms':>10} {'vs import sqlite3':>18}")
