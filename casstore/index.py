@@ -10,14 +10,15 @@ its record row in one transaction after re-checking under the write lock,
 so two processes opening a new store never both apply 0001.
 
 Cache hits use the standard library's sqlite3 alone; sqlite-utils (~85 ms to
-import) is loaded for listings and maintenance only.
+import) is loaded for listings and maintenance only.  For them too the
+connections are kept in ``_thread``'s thread-local, not ``threading``'s
+(the same class; importing threading costs a process ~1 ms).
 """
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import os
-import threading
 import time
 
 try:
@@ -35,7 +36,8 @@ TYPE_CHECKING = False  # not `typing`: the CLI hit path (hit.py) does not import
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
-    from typing import Any
+    from types import TracebackType
+    from typing import Any, NoReturn
 
     from .layout import Layout
 
@@ -136,6 +138,54 @@ def _retry_busy(fn, deadline: float = BUSY_TIMEOUT_MS / 1000):
         delay = min(delay * 2, 0.1)
 
 
+class _Write:
+    """``Index._write``'s transaction: BEGIN IMMEDIATE as the block starts; COMMIT
+    as it ends, or ROLLBACK if it raised.  ``index`` names the index in the
+    CasError an SQLite error becomes (None: raised as it is).  A class rather
+    than contextlib.contextmanager, which a cache hit would import for nothing."""
+
+    def __init__(self, conn: sqlite3.Connection, index: str | None) -> None:
+        self.conn, self.index = conn, index
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            # The busy timeout covers the wait for the write lock; a few busy states
+            # (a WAL being recovered or reset by another process) answer at once,
+            # so those are retried here rather than shown as "database is locked".
+            _retry_busy(lambda: self.conn.execute("BEGIN IMMEDIATE"))
+        except sqlite3.Error as exc:
+            self._raise(exc)
+        return self.conn
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            try:
+                self.conn.execute("COMMIT")
+                return
+            except BaseException as failed:
+                self._rollback()  # a failed COMMIT may leave it open
+                self._raise(failed)
+        self._rollback()
+        if isinstance(exc, sqlite3.Error) and self.index is not None:
+            self._raise(exc)
+
+    def _rollback(self) -> None:
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _raise(self, exc: BaseException) -> NoReturn:
+        if self.index is None or not isinstance(exc, sqlite3.Error):
+            raise exc
+        raise CasError(f"cannot write the index {self.index}: {exc}", path=self.index) from exc
+
+
 class Index:
     """Per-store index; safe to share between threads (a connection each)."""
 
@@ -148,8 +198,8 @@ class Index:
         else:
             self.path = store.index
             self._lay_out = store.ensure
-        self._local = threading.local()
-        self._open_lock = threading.Lock()
+        self._local = _thread._local()
+        self._open_lock = _thread.allocate_lock()
 
     # -- connections -------------------------------------------------------
 
@@ -226,8 +276,10 @@ class Index:
     def _set_aside(self) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.rename(f"{self.path}{suffix}", f"{self.path}.broken-{stamp}{suffix}")
+            except FileNotFoundError:
+                pass
 
     # -- migrations --------------------------------------------------------
 
@@ -271,33 +323,13 @@ class Index:
 
     # -- transactions ------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _write(
-        self, conn: sqlite3.Connection | None = None, *, raw: bool = False
-    ) -> Iterator[sqlite3.Connection]:
-        """A write transaction.  SQLite's errors (a full disk, a lock held past the
-        busy timeout, a refused row) leave as a CasError naming the index, so that a
-        batch fails the one item and the command line prints one line; ``raw``
-        keeps them as they are (migrations: opening tells a broken file by them)."""
-        conn = conn or self.conn
-        try:
-            # The busy timeout covers the wait for the write lock; a few busy states
-            # (a WAL being recovered or reset by another process) answer at once,
-            # so those are retried here rather than shown as "database is locked".
-            _retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may leave it open
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            if raw:
-                raise
-            raise CasError(
-                f"cannot write the index {self.path}: {exc}", path=str(self.path)
-            ) from exc
+    def _write(self, conn: sqlite3.Connection | None = None, *, raw: bool = False) -> _Write:
+        """A write transaction for a ``with`` block.  SQLite's errors (a full disk,
+        a lock held past the busy timeout, a refused row) leave as a CasError
+        naming the index, so that a batch fails the one item and the command line
+        prints one line; ``raw`` keeps them as they are (migrations: opening tells
+        a broken file by them)."""
+        return _Write(conn or self.conn, None if raw else str(self.path))
 
     # -- objects -----------------------------------------------------------
 

@@ -19,20 +19,27 @@ A waiter sleeps in a blocking ``flock`` on a thread of its own
 can still stop waiting: at its timeout, or when ``done`` says the holder
 published.  A forked child closes its copies of the locks other threads hold
 or wait for (``_after_fork``), so a lock never outlives its holder's release.
+
+A holder that has published and indexed an object may leave a note in the
+lock file for its waiters (``leave_note``, ``read_note``): the command
+line's waiters (hit.py) serve the object by it without opening the index.
+
+The command line's waiters import this module, so it does without
+``threading`` and ``contextlib`` (with the functools and collections they
+load, ~1 ms of such a process's ~12): ``_thread`` has the lock, the thread
+and the thread-local the waits need, and the context managers are classes.
 """
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import fcntl
 import os
-import threading
 import time
-from contextlib import contextmanager
 
 TYPE_CHECKING = False  # not `typing`: the CLI hit path (hit.py) does not import it
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
     from .layout import Layout
@@ -59,7 +66,6 @@ def lock_timeout() -> float:
         return DEFAULT_TIMEOUT
 
 
-@contextmanager
 def single_flight(
     layout: Layout,
     key: str,
@@ -69,8 +75,8 @@ def single_flight(
     on_wait: Callable[[str], None] | None = None,
     done: Callable[[], bool] | None = None,
     wait: bool = True,
-) -> Iterator[bool]:
-    """Hold the lock for ``key`` while the block runs; yields whether it is held.
+) -> _Flight:
+    """Hold the lock for ``key`` while the ``with`` block runs; ``as`` gives whether it is held.
 
     Blocks the calling thread.  ``on_wait`` gets one message when the wait
     passes a second, and one if the lock is given up on.  ``done`` is polled
@@ -79,25 +85,59 @@ def single_flight(
     find the object there.  ``wait=False`` tries once: a batch's item whose
     lock is taken is put off rather than waited for.
     """
-    path = layout.lock_path(key)
-    if _process_locks:
-        decided = _take_process_hold(path)
-        if decided is not None:
-            # The hold ends with this block, as this block's own lock would:
-            # a crowd waiting behind the command line's download goes on as
-            # soon as it has published, not when its process exits.
-            held, fd = decided
-            with _holding(fd):
-                yield held
-            return
-    timeout = lock_timeout() if timeout is None else timeout
-    if timeout <= 0:
-        yield False
+
+    def lock() -> tuple[bool, int | None]:
+        path = layout.lock_path(key)
+        if _process_locks:
+            decided = _take_process_hold(path)
+            if decided is not None:
+                # The hold ends with this block, as this block's own lock would:
+                # a crowd waiting behind the command line's download goes on as
+                # soon as it has published, not when its process exits.
+                return decided
+        limit = lock_timeout() if timeout is None else timeout
+        if limit <= 0:
+            return False, None
+        layout.ensure()
+        fd = _acquire(path, label=label, timeout=limit if wait else 0.0, on_wait=on_wait, done=done)
+        return fd is not None, fd
+
+    return _Flight(lock)
+
+
+def leave_note(layout: Layout, key: str, note: str) -> None:
+    """Leave ``note`` in ``key``'s lock file for the processes waiting on it,
+    in place of the last holder's.  Only while holding the lock: a waiter reads
+    it once the lock is its own, or while it polls ``done``.  Best effort: a
+    waiter without a note does the work the note would have spared it."""
+    try:
+        # A second descriptor on the file: closing it keeps the flock, which
+        # belongs to the holder's own open file (fcntl locks would be lost).
+        fd = os.open(layout.lock_path(key), os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
         return
-    layout.ensure()
-    fd = _acquire(path, label=label, timeout=timeout if wait else 0.0, on_wait=on_wait, done=done)
-    with _holding(fd):
-        yield fd is not None
+    try:
+        data = note.encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_note(path: str) -> str:
+    """The note the last holder of the lock file at ``path`` left; "" if none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        return os.read(fd, 4096).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def hold_for_process(
@@ -162,26 +202,27 @@ def _take_process_hold(path: Path) -> tuple[bool, int | None] | None:
     return True, fd
 
 
-@contextmanager
-def try_hold(layout: Layout, key: str) -> Iterator[bool]:
-    """Take the lock for ``key`` if nobody holds it, without waiting; yields whether held.
+def try_hold(layout: Layout, key: str) -> _Flight:
+    """Take the lock for ``key`` if nobody holds it, without waiting, for the
+    ``with`` block; ``as`` gives whether it is held.
 
     gc holds an artifact's lock while it evicts the object, and skips it when
     someone else holds it: a get publishes and materializes under that lock.
     """
-    try:
-        fd = _try_lock(layout.lock_path(key), create=False)
-    except FileNotFoundError:
-        # Nobody has locked it since the last gc.  Not creating a file per
-        # object keeps eviction cheap; a get that locks it from now on
-        # publishes a new inode, which gc's re-check sees as changed.
-        yield True
-        return
-    except OSError:
-        yield True  # no lock to be had here: only the retries protect the getter
-        return
-    with _holding(fd):
-        yield fd is not None
+
+    def lock() -> tuple[bool, int | None]:
+        try:
+            fd = _try_lock(layout.lock_path(key), create=False)
+        except FileNotFoundError:
+            # Nobody has locked it since the last gc.  Not creating a file per
+            # object keeps eviction cheap; a get that locks it from now on
+            # publishes a new inode, which gc's re-check sees as changed.
+            return True, None
+        except OSError:
+            return True, None  # no lock to be had here: only the retries protect the getter
+        return fd is not None, fd
+
+    return _Flight(lock)
 
 
 # Locks held in a ``with`` block, by descriptor, with the thread whose block it
@@ -191,18 +232,26 @@ def try_hold(layout: Layout, key: str) -> Iterator[bool]:
 _held: dict[int, int] = {}
 
 
-@contextmanager
-def _holding(fd: int | None) -> Iterator[None]:
-    """Run the block holding the lock at ``fd`` (None: no lock), then release it."""
-    if fd is None:
-        yield
-        return
-    _held[fd] = threading.get_ident()
-    try:
-        yield
-    finally:
-        del _held[fd]
-        os.close(fd)  # closing the only descriptor releases the flock
+class _Flight:
+    """A ``with`` block holding the lock that ``lock`` takes: (whether held, its
+    descriptor or None); the descriptor is closed, releasing the flock, as the
+    block ends.  A class, not contextlib.contextmanager: see the module's doc."""
+
+    def __init__(self, lock: Callable[[], tuple[bool, int | None]]) -> None:
+        self._lock = lock
+        self._fd: int | None = None
+
+    def __enter__(self) -> bool:
+        held, self._fd = self._lock()
+        if self._fd is not None:
+            _held[self._fd] = _thread.get_ident()
+        return held
+
+    def __exit__(self, *exc: object) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            del _held[fd]
+            os.close(fd)  # closing the only descriptor releases the flock
 
 
 def _acquire(path: str | Path, *, label: str, timeout: float, on_wait, done=None) -> int | None:
@@ -278,7 +327,7 @@ _pending: set[_BlockedFlock] = set()
 # next wait on that file takes one over rather than start another thread, so
 # a holder that hangs through many timeouts costs one thread, not one each.
 _parked: dict[tuple[int, int], list[_BlockedFlock]] = {}
-_parked_lock = threading.Lock()  # taken after a wait's own mutex, never before
+_parked_lock = _thread.allocate_lock()  # taken after a wait's own mutex, never before
 
 
 class _BlockedFlock:
@@ -298,13 +347,14 @@ class _BlockedFlock:
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         st = os.fstat(self._fd)
         self._file = (st.st_dev, st.st_ino)
-        self._mutex = threading.Lock()
+        self._mutex = _thread.allocate_lock()
         self._state = "waiting"
         self._error: OSError | None = None
-        self.granted = threading.Event()
+        self.granted = _Flag()
         _pending.add(self)
         try:
-            threading.Thread(target=self._block, name="casstore-flock", daemon=True).start()
+            # A bare thread: like a daemon thread, it does not hold up an exit.
+            _thread.start_new_thread(self._block, ())
         except RuntimeError as exc:  # no thread to be had
             _pending.discard(self)
             os.close(self._fd)
@@ -382,22 +432,41 @@ class _BlockedFlock:
         os.close(self._fd)
 
 
+class _Flag:
+    """threading.Event's ``set``, ``is_set`` and ``wait`` for one setting thread
+    and one waiting thread: a lock held until it is set."""
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        self._lock.release()
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def wait(self, timeout: float) -> bool:
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        self._lock.release()
+        return True
+
+
 def _after_fork() -> None:
     """In a forked child: close the descriptors of waits and held locks whose
     threads did not come along (see ``_pending`` and ``_held``)."""
-    me = threading.get_ident()
+    me = _thread.get_ident()
     for blocked in list(_pending):
-        with contextlib.suppress(OSError):
-            os.close(blocked._fd)
+        _close_quietly(blocked._fd)
     _pending.clear()
     global _parked_lock
-    _parked_lock = threading.Lock()  # a thread that held it did not come along
+    _parked_lock = _thread.allocate_lock()  # a thread that held it did not come along
     _parked.clear()
     for fd, owner in list(_held.items()):
         if owner != me:
             del _held[fd]
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            _close_quietly(fd)
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -417,9 +486,15 @@ def _try_lock(path: str | Path, *, create: bool = True) -> int | None:
             return None
         return fd
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        _close_quietly(fd)
         raise
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _names(path: str | Path, fd: int) -> bool:

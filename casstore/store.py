@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
@@ -33,7 +34,7 @@ from .errors import (
     NotFound,
 )
 from .hashing import parse_md5, parse_sha256
-from .hit import BAD, HIT, lookup
+from .hit import BAD, HIT, holder_note, lookup
 from .index import Index
 from .layout import Layout, default_root
 from .link import first_copy_warning, is_live, materialize, parse_mode
@@ -201,12 +202,26 @@ class Store:
             if committer is None:
                 published, final_url = self._download(req)
                 # Recorded before the lock is released, so a waiter's look-up finds it.
+                indexed = time.time()
                 sha = self._record(req, published, final_url)
+                if held and key == sha:
+                    self._leave_note(sha, indexed, source)
             else:
                 published, _ = self._download(req, committer)  # recorded by the committer
                 sha = published.sha256
                 _warn_trusted(req, sha)
             return self._deliver(sha, req, mode)
+
+    def _leave_note(self, sha: str, indexed: float, source: str) -> None:
+        """Tell the command line's waiters on this lock (hit.py) what was just
+        published and indexed, so that they serve it without opening the index."""
+        from .locks import leave_note
+
+        try:
+            note = holder_note(self.layout.object_path(sha), indexed, source)
+        except OSError:
+            return  # no note: the waiters look the object up
+        leave_note(self.layout, sha, note)
 
     def _fetch_unindexed(self, req: Request) -> tuple[Published, str] | None:
         """For a batch's helper process (spread.py): download ``req`` (whose

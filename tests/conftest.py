@@ -159,6 +159,25 @@ def run_probed(
     )
 
 
+def threads_in_flock(pid: int | str = "self") -> set[int]:
+    """Native ids of the threads of process ``pid`` asleep in flock(2), read from
+    /proc: a lock's waiters (locks._BlockedFlock) are bare threads, which
+    threading does not list, and may be in another process."""
+    asleep = set()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return asleep  # the process is gone
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                if f.read() == "locks_lock_inode_wait":  # where flock sleeps
+                    asleep.add(int(tid))
+        except FileNotFoundError:
+            pass  # ended meanwhile
+    return asleep
+
+
 def refuse_rows(store, sha256: str) -> None:
     """Make the index refuse any row for ``sha256`` (a trigger, as a full disk
     or a broken index would)."""

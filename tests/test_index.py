@@ -13,6 +13,8 @@ from casstore import CasError, Store
 from casstore.index import Index, known_migrations, migrations_dir
 from casstore.layout import Layout
 
+from .conftest import refuse_rows
+
 # Released migrations are never edited: add a new numbered file instead.
 RELEASED = {
     1: "aefda7bab53bf36f8bf3fe9769569ed6a47775afa2096ee3de27f0359e13319f",
@@ -92,6 +94,26 @@ def test_record_use_is_coarsened_to_one_second(store_dir):
     for _ in range(50):
         index.record_use(digest, 1)
     assert index.conn.total_changes - before <= 1
+
+
+def test_a_refused_write_is_undone_whole_and_names_the_index(store_dir):
+    store = Store(store_dir)
+    refused = "cd" * 32
+    refuse_rows(store, refused)
+    index = store.index
+    rows = [("ab" * 32, 1, None, 0.0), (refused, 1, None, 0.0)]
+    with pytest.raises(CasError, match=r"^cannot write the index .*index\.db: refused$"):
+        index.index_objects(rows)
+    assert index.get_object("ab" * 32) is None  # written first, rolled back with the rest
+    assert not index.conn.in_transaction
+    index.record_object("ab" * 32, 1)  # the connection writes on
+    assert index.get_object("ab" * 32) is not None
+    # Anything else the block raises is rolled back and left as it is.
+    with pytest.raises(KeyboardInterrupt), index._write() as conn:
+        conn.execute("DELETE FROM objects")
+        raise KeyboardInterrupt
+    assert index.get_object("ab" * 32) is not None and not index.conn.in_transaction
+    store.close()
 
 
 def test_a_link_to_an_object_gone_records_nothing(tmp_path):

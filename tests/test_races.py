@@ -24,7 +24,7 @@ import pytest
 from casstore import BatchError, DownloadError, Request, Store, locks
 from casstore.locks import single_flight
 
-from .conftest import HeldLock, assert_store_consistent, blob, sha
+from .conftest import HeldLock, assert_store_consistent, blob, sha, threads_in_flock
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,15 +121,7 @@ def _eventually(condition, what: str) -> None:
         time.sleep(0.001)
 
 
-def _flock_threads() -> set[threading.Thread]:
-    """Threads in which a waiter blocks in flock (locks._BlockedFlock); the objects,
-    not their idents, which a new thread may reuse."""
-    return {t for t in threading.enumerate() if t.name == "casstore-flock"}
-
-
-def _blocked_waiter(
-    store, **options
-) -> tuple[Path, int, dict, threading.Thread, set[threading.Thread]]:
+def _blocked_waiter(store, **options) -> tuple[Path, int, dict, threading.Thread, set[int]]:
     """A thread waiting in ``single_flight`` for the lock of "k", which a holder
     (the returned descriptor) has; returns once the waiter blocks in flock.
     The waiter's ``outcome`` says what it held, and whether anyone else could
@@ -145,16 +137,16 @@ def _blocked_waiter(
             outcome["inode"] = os.stat(lock).st_ino
             outcome["free meanwhile"] = _free(lock)
 
-    others = _flock_threads()  # other tests' abandoned flocks may still be ending
+    others = threads_in_flock()  # other tests' abandoned flocks may still be ending
     waiter = threading.Thread(target=wait)
     waiter.start()
-    _eventually(lambda: _flock_threads() - others, "the waiter never blocked in flock")
+    _eventually(lambda: threads_in_flock() - others, "the waiter never blocked in flock")
     assert waiter.is_alive() and not outcome
-    return lock, holder, outcome, waiter, _flock_threads() - others
+    return lock, holder, outcome, waiter, threads_in_flock() - others
 
 
-def _ended(threads: set[threading.Thread]) -> bool:
-    return not any(t.is_alive() for t in threads)
+def _ended(tids: set[int]) -> bool:
+    return not any(os.path.exists(f"/proc/self/task/{tid}") for tid in tids)
 
 
 def test_a_waiter_blocks_in_flock_and_holds_the_lock_once_released(store):
@@ -185,7 +177,7 @@ def test_a_waiter_follows_a_lock_file_gc_replaced(store):
     new = _flock(lock)
     os.close(old)  # the waiter is granted the orphan inode: that excludes nobody
     _eventually(
-        lambda: _flock_threads() - blocked_on_old, "the waiter did not move to the new file"
+        lambda: threads_in_flock() - blocked_on_old, "the waiter did not move to the new file"
     )
     assert waiter.is_alive() and not outcome
     os.close(new)
@@ -197,13 +189,13 @@ def test_waits_given_up_on_a_hung_holder_share_one_thread(store):
     store.layout.ensure()
     lock = store.layout.lock_path("k")
     holder = _flock(lock)  # hangs through every timeout below
-    others = _flock_threads()
+    others = threads_in_flock()
     fds = _open_fds()
     try:
         for _ in range(20):
             with single_flight(store.layout, "k", label="thing", timeout=0.05) as got:
                 assert not got
-        mine = _flock_threads() - others
+        mine = threads_in_flock() - others
         assert len(mine) == 1, f"{len(mine)} threads still blocked in flock"
         assert _open_fds() == fds + 1
     finally:
@@ -250,10 +242,10 @@ def test_no_thread_to_wait_with_means_going_on_without_the_lock(store, monkeypat
     holder = _flock(store.layout.lock_path("k"))
     fds = _open_fds()
 
-    def start(self) -> None:
+    def start(*args) -> None:
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(locks._thread, "start_new_thread", start)
     messages: list[str] = []
     try:
         with single_flight(
@@ -321,19 +313,42 @@ def test_a_process_waiter_granted_a_published_object_lets_the_next_in(store, mon
     holder = _flock(lock)
     published = threading.Event()
     outcome: list[bool] = []
-    others = _flock_threads()
+    others = threads_in_flock()
     waiter = threading.Thread(
         target=lambda: outcome.append(
             locks.hold_for_process(str(lock), label="thing", done=published.is_set)
         )
     )
     waiter.start()
-    _eventually(lambda: _flock_threads() - others, "the waiter never blocked in flock")
+    _eventually(lambda: threads_in_flock() - others, "the waiter never blocked in flock")
     published.set()
     os.close(holder)  # granted to the waiter, which finds the object published
     waiter.join(30)
     assert outcome == [False]
     assert _free(lock)
+
+
+def test_a_get_that_held_the_lock_leaves_its_waiters_a_note(store, origin):
+    """What the command line's waiters (hit.py) may serve by: the object's inode,
+    a time no later than its row's last use, and the URL."""
+    data = b"noted"
+    url = origin.add("/noted", data)
+    before = time.time()
+    path = store.get(url, sha256=sha(data))
+    note = locks.read_note(str(store.layout.lock_path(sha(data))))
+    kind, ino, indexed, source = note.split(" ")
+    assert (kind, int(ino), source) == ("published", os.stat(path).st_ino, url + "\n")
+    assert before <= float(indexed) <= store.index.get_object(sha(data))["last_used"]
+
+
+def test_a_get_that_gave_up_on_the_lock_leaves_no_note(store, origin, monkeypatch):
+    # The lock is another's: a note is only ever its holder's to write.
+    data = b"not noted"
+    url = origin.add("/not-noted", data)
+    monkeypatch.setenv("CASSTORE_LOCK_TIMEOUT", "0.1")
+    with HeldLock(store.layout, sha(data)):
+        store.get(url, sha256=sha(data))
+        assert locks.read_note(str(store.layout.lock_path(sha(data)))) == ""
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import fcntl
 import os
 import subprocess
 import sys
@@ -11,13 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import blob, import_probe, run_probed, sha
+from casstore import Store
+from casstore.hit import holder_note
+from casstore.locks import leave_note
+
+from .conftest import blob, import_probe, run_probed, sha, threads_in_flock
 
 PACKAGE = Path(__file__).resolve().parent.parent / "casstore"
 HEAVY = ("httpx", "blake3", "sqlite_utils", "rich", "yaml")
 # Beyond HEAVY, what the fast path (hit.py) does without: each costs a process
 # milliseconds (pathlib ~9, re ~2; typing pulls in re).
 LIGHT_PATH_SKIPS = ("click", "casstore.store", "pathlib", "re", "typing", "urllib.parse")
+# ~1 ms each, with the functools and collections they load; a hit needs them
+# for sqlite3, but a waiter the holder's note serves (hit.py) does not.
+NOTE_SKIPS = ("_sqlite3", "threading", "contextlib", "functools")
 
 
 def _imports(path: Path) -> set[str]:
@@ -95,7 +103,8 @@ def _reap(*procs: subprocess.Popen | None) -> None:
 @pytest.mark.timeout(60)
 def test_get_waiting_on_another_download_stays_light(tmp_path, origin):
     """A crowd behind one download costs little more than a crowd of hits: the
-    waiters wait before importing httpx, click or the Store, then serve the hit."""
+    waiters wait before importing httpx, click or the Store, then serve the hit
+    by the note the holder left in the lock file, without even sqlite3."""
     data = blob(256 * 1024, seed=7)
     url = origin.add("/wait", data, gate_after=100_000, chunk=16 * 1024)
     route = origin.routes["/wait"]
@@ -111,7 +120,7 @@ def test_get_waiting_on_another_download_stays_light(tmp_path, origin):
             [
                 sys.executable,
                 "-c",
-                import_probe("casstore.__main__", HEAVY + LIGHT_PATH_SKIPS),
+                import_probe("casstore.__main__", HEAVY + LIGHT_PATH_SKIPS + NOTE_SKIPS),
                 *cmd,
             ],
             env=env,
@@ -133,6 +142,70 @@ def test_get_waiting_on_another_download_stays_light(tmp_path, origin):
     assert loaded == "LOADED []\n"
     assert "IMPORTED" not in err.decode(), err.decode()
     assert origin.count("/wait") == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "note", ["just written", "a second old", "of another file", "for another URL", "none"]
+)
+def test_a_waiter_serves_by_the_note_only_of_its_object_and_url_just_indexed(
+    tmp_path, origin, monkeypatch, note
+):
+    """Served by the holder's note, a waiter records nothing: only right, as
+    SPEC §8 coarsens a last use to a second, if its URL is the one indexed
+    for that very file within the second.  Else it looks the object up,
+    recording its use and its URL."""
+    data = b"noted object"
+    url, other = origin.add("/n", data), origin.add("/m", data)
+    store = Store(tmp_path / "s")
+    store.layout.ensure()
+    lock = store.layout.lock_path(sha(data))
+    holder = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    waiter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            import_probe("casstore.__main__", ("_sqlite3",)),
+            *("--store", str(store.root), "get", url, "--sha256", sha(data)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not threads_in_flock(waiter.pid):
+            assert waiter.poll() is None, waiter.communicate()
+            assert time.monotonic() < deadline, "the waiter never blocked in flock"
+            time.sleep(0.005)
+        # This process is the holder: it publishes under the lock it already has.
+        monkeypatch.setenv("CASSTORE_LOCK_TIMEOUT", "0")
+        obj = store.get(other if note == "for another URL" else url, sha256=sha(data))
+        store.index.conn.execute("UPDATE objects SET last_used = last_used - 5")
+        notes = {
+            "just written": holder_note(obj, time.time(), url),
+            "a second old": holder_note(obj, time.time() - 1.5, url),
+            "of another file": holder_note(tmp_path, time.time(), url),
+            "for another URL": holder_note(obj, time.time(), other),
+        }
+        if note in notes:
+            leave_note(store.layout, sha(data), notes[note])
+        used = store.index.get_object(sha(data))["last_used"]
+        os.close(holder)
+        out, err = waiter.communicate(timeout=30)
+    finally:
+        _reap(waiter)
+    assert waiter.returncode == 0, err
+    assert out.decode().strip() == str(obj)
+    row = store.index.get_object(sha(data))
+    if note == "just written":
+        assert "IMPORTED" not in err.decode()
+        assert row["last_used"] == used  # the note's time stands for it
+    else:
+        assert "IMPORTED _sqlite3" in err.decode()
+        assert row["last_used"] > used
+    assert store.index.lookup_source(url) == sha(data)
+    store.close()
 
 
 @pytest.mark.timeout(60)
