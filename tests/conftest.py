@@ -173,8 +173,8 @@ def threads_in_flock(pid: int | str = "self") -> set[int]:
             with open(f"/proc/{pid}/task/{tid}/wchan") as f:
                 if f.read() == "locks_lock_inode_wait":  # where flock sleeps
                     asleep.add(int(tid))
-        except FileNotFoundError:
-            pass  # ended meanwhile
+        except OSError:  # ENOENT, ESRCH: ended meanwhile
+            pass
     return asleep
 
 
