@@ -1,5 +1,8 @@
 """How the benchmarks start casstore: as its users do, by the console script
 that installing it put beside this interpreter (``.venv/bin/casstore``).
+The script runs the casstore that venv has installed: with the README's
+``pip install -e``, this checkout (a venv shared by several checkouts runs
+whichever one it was installed from).
 
 ``python -m casstore`` works too, but runpy's imports (importlib.util,
 contextlib, functools, collections) cost each process ~1-4 ms of CPU more

@@ -6,10 +6,10 @@ the caller heals, never served).  ``Store`` uses it for every hit.
 
 ``serve`` answers ``casstore [--store DIR] [-q] get URL --sha256 HEX`` when
 the object is already present, with the lightest of the standard library:
-no click, httpx, blake3 or sqlite-utils, and not even pathlib, re or typing
-(~9 ms of CPU together), so a hit costs a process start, a stat and one
-indexed read (~17 ms, about what `python -c 'import sqlite3'` takes: the
-index loads the C module alone, see index.py; bench/bench_hit.py).  It
+no click, httpx, blake3 or sqlite-utils, and not even pathlib, re, typing or
+threading (~10 ms of CPU together), so a hit costs a process start, a stat
+and one indexed read (~15 ms, less than `python -c 'import sqlite3'` takes:
+the index loads the C module alone, see index.py; bench/bench_hit.py).  It
 serves only plain URLs (urls.redact would leave them as they are), so it
 needs no ``urllib.parse`` either.  On a miss it waits,
 still that light, while another process fetches the same digest, so a crowd
@@ -18,7 +18,7 @@ imports.  Nor, mostly, for the index's: the holder leaves a note in the lock
 file (``holder_note``) saying which object it published for which URL and
 when, and a waiter whose URL and object it names, within the second that
 SPEC §8 lets a last use be coarsened to, is served by it without loading
-sqlite3 (~4 ms of CPU of such a process's ~16).  Anything it does not
+sqlite3 (~5 ms of CPU of such a process's ~16.5).  Anything it does not
 recognise, or a miss it must fetch itself, returns None and the full
 command line runs instead and does the work (and reports errors) itself.
 """
@@ -65,22 +65,30 @@ def lookup(
 def holder_note(obj: str | Path, indexed: float, source: str) -> str:
     """The note (locks.leave_note) of a holder that has published the object at
     ``obj``, and indexed it, with ``source``, at ``indexed`` or later."""
-    return f"published {os.stat(obj).st_ino} {indexed!r} {source}\n"
+    return f"published {_identity(obj)} {indexed!r} {source}\n"
+
+
+def _identity(obj: str | Path) -> str:
+    # The file, not the name: an object removed and published again since (rm,
+    # quarantine) is another file, with another write time even if its inode
+    # number is the old one's.
+    st = os.stat(obj)
+    return f"{st.st_ino}:{st.st_mtime_ns}"
 
 
 def _served_by_note(note: str, obj: str, url: str) -> bool:
-    """Whether ``note`` (holder_note) says the object now at ``obj`` was indexed
-    for ``url`` less than a second ago: then a hit would find its row and its
-    source, and would not move its last use (coarsened to 1 s), so serving it
-    records all a hit would.  The inode ties the note to this very file: an
-    object evicted and published again since is a new one."""
+    """Whether ``note`` (holder_note) says the very file now at ``obj`` was
+    indexed for ``url`` in the last second: then a hit would find its row and
+    its source, and would not move its last use (coarsened to 1 s), so
+    serving it records all a hit would.  A note from ahead of this clock
+    (another host's, or before the clock stepped back) does not count."""
     kind, _, rest = note.partition(" ")
-    ino, _, rest = rest.partition(" ")
+    identity, _, rest = rest.partition(" ")
     indexed, _, source = rest.partition(" ")
     if kind != "published" or source != f"{url}\n":
         return False
     try:
-        return os.stat(obj).st_ino == int(ino) and time.time() - float(indexed) < 1.0
+        return _identity(obj) == identity and 0.0 <= time.time() - float(indexed) < 1.0
     except (OSError, ValueError):
         return False
 
@@ -133,25 +141,8 @@ def _serve(index: _Index, root: str, url: str, sha256: str, quiet: bool) -> int 
         if os.path.exists(obj) and os.path.exists(os.path.join(root, INDEX)):
             status, _ = lookup(obj, index(), sha256, source=url)
         if status == MISSING:
-            from .locks import hold_for_process, read_note
-
-            make_dirs(root)
-            lock = os.path.join(root, lock_name(sha256))
-            noted = False
-
-            def published() -> bool:
-                # Published and indexed: the holder's row is there to read, so
-                # a crowd of waiters does not queue up to write it themselves.
-                nonlocal noted
-                noted = False  # as of this, the last look: the object may have gone since
-                if not os.path.exists(obj):
-                    return False
-                noted = _served_by_note(read_note(lock), obj, url)
-                return noted or index().get_object(sha256) is not None
-
-            hold_for_process(lock, label=url, on_wait=None if quiet else _warn, done=published)
-            if noted:
-                status = HIT
+            if _wait_for_holder(index, root, url, sha256, quiet):
+                status = HIT  # by the holder's note, which stands for what a hit records
             else:
                 status, _ = lookup(obj, index(), sha256, source=url)
     except (CasError, OSError):
@@ -167,6 +158,49 @@ def _serve(index: _Index, root: str, url: str, sha256: str, quiet: bool) -> int 
     except (OSError, AttributeError, ValueError):
         return None  # no usable stdout: the full command line reports it in one line
     return 0
+
+
+def _wait_for_holder(index: _Index, root: str, url: str, sha256: str, quiet: bool) -> bool:
+    """Wait while another process holds ``sha256``'s lock (locks.hold_for_process,
+    which keeps the lock if this process must download after all); True if the
+    holder's note serves the object."""
+    from .locks import hold_for_process, read_note
+
+    make_dirs(root)
+    obj = os.path.join(root, object_name(sha256))
+    lock = os.path.join(root, lock_name(sha256))
+    noted = False
+    unnoted_since: float | None = None
+
+    def note_serves() -> bool:
+        nonlocal noted
+        noted = (  # as of this, the last look: the object may have gone since
+            os.path.exists(obj)
+            and os.path.exists(os.path.join(root, INDEX))  # (else one is made)
+            and _served_by_note(read_note(lock), obj, url)
+        )
+        return noted
+
+    def published() -> bool:
+        # Published and indexed: the holder's row is there to read, so a
+        # crowd of waiters does not queue up to write it themselves.
+        return note_serves() or (os.path.exists(obj) and index().get_object(sha256) is not None)
+
+    def poll() -> bool:
+        # While the holder holds the lock, its note is enough: it notes right
+        # after indexing, and lets go right after that.  Only an object it has
+        # kept unnoted for a second (a batch's holder, which leaves no note,
+        # copying to a slow --dest, say) is worth opening the index for.
+        nonlocal unnoted_since
+        if note_serves() or not os.path.exists(obj):
+            return noted
+        now = time.monotonic()
+        if unnoted_since is None:
+            unnoted_since = now
+        return now - unnoted_since >= 1.0 and published()
+
+    hold_for_process(lock, label=url, on_wait=None if quiet else _warn, done=published, poll=poll)
+    return noted
 
 
 def _warn(message: str) -> None:

@@ -146,10 +146,13 @@ def hold_for_process(
     label: str,
     on_wait: Callable[[str], None] | None = None,
     done: Callable[[], bool] | None = None,
+    poll: Callable[[], bool] | None = None,
 ) -> bool:
     """Wait for the lock file at ``path`` as ``single_flight`` does, and keep it
     for this process's first ``single_flight`` block on it (or until the
-    process exits); returns whether it is held.
+    process exits); returns whether it is held.  ``done`` says whether the
+    holder published, looked at once the wait ends; ``poll``, if given, is
+    what is looked at while it lasts (else ``done``).
 
     For the command line's fast path (hit.py): a ``get`` that misses waits
     here, before importing httpx and the Store, so fifteen processes queued
@@ -162,7 +165,7 @@ def hold_for_process(
     timeout = lock_timeout()
     if timeout <= 0:
         return False
-    fd = _acquire(path, label=label, timeout=timeout, on_wait=on_wait, done=done)
+    fd = _acquire(path, label=label, timeout=timeout, on_wait=on_wait, done=poll or done)
     try:
         published = done is not None and done()
     except BaseException:
@@ -252,6 +255,16 @@ class _Flight:
         if fd is not None:
             del _held[fd]
             os.close(fd)  # closing the only descriptor releases the flock
+
+    def __del__(self) -> None:
+        # A block entered and never ended (an aget cancelled while its worker
+        # thread was still taking the lock): let go with the object, as a
+        # generator's ``finally`` would, not at the process's exit.
+        if self._fd is not None:
+            try:
+                self.__exit__()
+            except (OSError, KeyError, TypeError):  # (TypeError: at interpreter shutdown)
+                pass
 
 
 def _acquire(path: str | Path, *, label: str, timeout: float, on_wait, done=None) -> int | None:

@@ -562,12 +562,21 @@ class Store:
         hit = lambda: known is not None and self._hit(known, name=req.name, source=source)  # noqa: E731
         if await asyncio.to_thread(hit):
             return known  # type: ignore[return-value]
-        # The cross-process lock blocks, so it is taken and released in worker threads
-        # (thread_local=False in locks.py makes that safe).
+        # The cross-process lock blocks, so it is taken and released in worker
+        # threads (locks.py releases a lock from any thread).
         flight = single_flight(
             self.layout, _flight_key(req, known), label=source, on_wait=log.warning
         )
-        await asyncio.to_thread(flight.__enter__)
+        # A future, not a task: cancelling what is left of a loop (asyncio.run)
+        # does not cancel it, so it still says when the thread has the lock.
+        entering = asyncio.get_running_loop().run_in_executor(None, flight.__enter__)
+        try:
+            await asyncio.shield(entering)
+        except asyncio.CancelledError:
+            # The worker thread goes on waiting for the lock: give it back as
+            # soon as it has it, or it would stay held as long as the process.
+            entering.add_done_callback(lambda _: flight.__exit__())
+            raise
         try:
             if known is None:  # keyed by URL: the lock's last holder may have recorded it
                 known = await asyncio.to_thread(self._known, req)

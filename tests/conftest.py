@@ -171,7 +171,9 @@ def threads_in_flock(pid: int | str = "self") -> set[int]:
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/wchan") as f:
-                if f.read() == "locks_lock_inode_wait":  # where flock sleeps
+                # Where flock sleeps: locks_lock_inode_wait (flock_lock_inode_wait
+                # or flock_lock_file_wait in older kernels).
+                if "lock_inode_wait" in (where := f.read()) or "flock" in where:
                     asleep.add(int(tid))
         except OSError:  # ENOENT, ESRCH: ended meanwhile
             pass

@@ -329,16 +329,63 @@ def test_a_process_waiter_granted_a_published_object_lets_the_next_in(store, mon
 
 
 def test_a_get_that_held_the_lock_leaves_its_waiters_a_note(store, origin):
-    """What the command line's waiters (hit.py) may serve by: the object's inode,
-    a time no later than its row's last use, and the URL."""
+    """What the command line's waiters (hit.py) may serve by: the object's file
+    (inode and write time), a time no later than its row's last use, and the URL."""
     data = b"noted"
     url = origin.add("/noted", data)
     before = time.time()
     path = store.get(url, sha256=sha(data))
     note = locks.read_note(str(store.layout.lock_path(sha(data))))
-    kind, ino, indexed, source = note.split(" ")
-    assert (kind, int(ino), source) == ("published", os.stat(path).st_ino, url + "\n")
+    kind, identity, indexed, source = note.split(" ")
+    st = os.stat(path)
+    assert (kind, identity, source) == ("published", f"{st.st_ino}:{st.st_mtime_ns}", url + "\n")
     assert before <= float(indexed) <= store.index.get_object(sha(data))["last_used"]
+
+
+def test_a_lock_entered_and_dropped_is_released_with_it(store):
+    # As a generator's ``finally`` would: never held for the rest of the process.
+    store.layout.ensure()
+    flight = single_flight(store.layout, "k", label="thing")
+    assert flight.__enter__()
+    assert not _free(store.layout.lock_path("k"))
+    del flight
+    gc.collect()
+    assert _free(store.layout.lock_path("k"))
+
+
+@pytest.mark.timeout(60)
+def test_an_aget_cancelled_while_it_waits_for_the_lock_lets_go_of_it(store, origin):
+    """Cancelled (asyncio.run cancels what is left) while its worker thread
+    still waits for the lock: once that thread has it, it must not stay held,
+    or every later get of the artifact would wait out its lock timeout."""
+    import asyncio
+
+    data = b"given up"
+    url = origin.add("/given-up", data)
+    store.layout.ensure()
+    lock = store.layout.lock_path(sha(data))
+    holder = _flock(lock)
+    others = threads_in_flock()
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(store.aget(url, sha256=sha(data)))
+
+        async def waiting() -> None:
+            while not threads_in_flock() - others:
+                assert not task.done(), task
+                await asyncio.sleep(0.001)
+
+        loop.run_until_complete(waiting())
+        left = asyncio.all_tasks(loop)
+        for t in left:
+            t.cancel()
+        loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        assert task.cancelled()
+        os.close(holder)  # the worker thread now gets the lock, for nobody
+        loop.run_until_complete(loop.shutdown_default_executor())
+    finally:
+        loop.close()
+    _eventually(lambda: _free(lock), "the lock outlived the aget cancelled")
 
 
 def test_a_get_that_gave_up_on_the_lock_leaves_no_note(store, origin, monkeypatch):

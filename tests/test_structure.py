@@ -158,7 +158,17 @@ def _fresh(store_dir: Path, digest: str) -> bool:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
-    "note", ["just written", "a second old", "of another file", "for another URL", "none"]
+    "note",
+    [
+        "just written",
+        "a second old",
+        "from ahead of the clock",
+        "of another file",
+        "of an earlier publish",
+        "for another URL",
+        "with the index gone",
+        "none",
+    ],
 )
 def test_a_waiter_serves_by_the_note_only_of_its_object_and_url_just_indexed(
     store, tmp_path, origin, monkeypatch, note
@@ -195,14 +205,20 @@ def test_a_waiter_serves_by_the_note_only_of_its_object_and_url_just_indexed(
         store.index.conn.execute("UPDATE objects SET last_used = last_used - 5")
         written = time.time()
         notes = {
-            "just written": holder_note(obj, written, url),
-            "a second old": holder_note(obj, time.time() - 1.5, url),
-            "of another file": holder_note(tmp_path, time.time(), url),
-            "for another URL": holder_note(obj, time.time(), other),
+            "a second old": holder_note(obj, written - 1.5, url),
+            "from ahead of the clock": holder_note(obj, written + 5, url),
+            "of another file": holder_note(tmp_path, written, url),
+            "for another URL": holder_note(obj, written, other),
         }
-        if note in notes:
-            leave_note(store.layout, sha(data), notes[note])
+        if note != "none":
+            leave_note(store.layout, sha(data), notes.get(note, holder_note(obj, written, url)))
+        if note == "of an earlier publish":  # removed and published again since: same inode
+            os.utime(obj, ns=(0, os.stat(obj).st_mtime_ns + 1))
         used = store.index.get_object(sha(data))["last_used"]
+        if note == "with the index gone":
+            store.close()
+            for suffix in ("", "-wal", "-shm"):
+                (store.root / f"index.db{suffix}").unlink(missing_ok=True)
         os.close(holder)
         out, err = waiter.communicate(timeout=30)
     finally:
@@ -211,13 +227,76 @@ def test_a_waiter_serves_by_the_note_only_of_its_object_and_url_just_indexed(
     assert out.decode().strip() == str(obj)
     looked_up = "IMPORTED _sqlite3" in err.decode()
     # A waiter served by the note leaves the last use as it is (the note's time
-    # stands for it); one that looks the object up moves it.
-    assert looked_up == (store.index.get_object(sha(data))["last_used"] > used)
+    # stands for it); one that looks the object up moves it, or indexes it anew.
+    row = store.index.get_object(sha(data))
+    assert row is not None and looked_up == (row["last_used"] > used)
     if note != "just written":
         assert looked_up
     elif time.time() - written < 1.0:  # so the waiter read it within the second
         assert not looked_up
     assert store.index.lookup_source(url) == sha(data)
+
+
+def _woken(pid: int) -> int:
+    """How often the main thread of ``pid`` has gone to sleep: a waiter's does
+    once per look at the lock's holder (locks.DONE_POLL)."""
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("holder_notes", [True, False])
+def test_a_waiter_opens_the_index_only_for_an_object_kept_unnoted_a_second(
+    store, origin, monkeypatch, holder_notes
+):
+    """Between publishing and its note, a holder fsyncs and indexes: a waiter
+    that looks meanwhile waits for the note rather than load sqlite3.  Past a
+    second unnoted (a batch's holder leaves no note), the index tells it, and it
+    goes on without waiting for the holder to let go."""
+    data = b"published, not yet noted"
+    url = origin.add("/unnoted", data)
+    store.layout.ensure()
+    holder = os.open(store.layout.lock_path(sha(data)), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    probe = import_probe("casstore.__main__", ("_sqlite3",))
+    cmd = ["--store", str(store.root), "get", url, "--sha256", sha(data)]
+    waiter = subprocess.Popen(
+        [sys.executable, "-c", probe, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not threads_in_flock(waiter.pid):
+            assert waiter.poll() is None, waiter.communicate()
+            assert time.monotonic() < deadline, "the waiter never blocked in flock"
+            time.sleep(0.005)
+        monkeypatch.setenv("CASSTORE_LOCK_TIMEOUT", "0")  # this process holds the lock
+        obj = store.get(url, sha256=sha(data))
+        if holder_notes:
+            looks = _woken(waiter.pid)
+            while _woken(waiter.pid) < looks + 2:  # it has looked at least once since
+                assert waiter.poll() is None, waiter.communicate()
+                assert time.monotonic() < deadline, "the waiter never looked"
+                time.sleep(0.005)
+            written = time.time()
+            leave_note(store.layout, sha(data), holder_note(obj, written, url))
+            os.close(holder)
+        out, err = waiter.communicate(timeout=30)  # unnoted: while the lock is still held
+    finally:
+        try:
+            os.close(holder)
+        except OSError:
+            pass  # closed already: the holder let go
+        _reap(waiter)
+    assert waiter.returncode == 0, err
+    assert out.decode().strip() == str(obj)
+    looked_up = "IMPORTED _sqlite3" in err.decode()
+    if not holder_notes:
+        assert looked_up
+    elif time.time() - written < 1.0:
+        assert not looked_up, err.decode()
 
 
 @pytest.mark.timeout(60)
