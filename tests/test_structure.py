@@ -92,6 +92,21 @@ def test_cli_cache_hit_imports_no_heavy_module(tmp_path, origin, entry, also_abs
     assert origin.count("/hit") == 1
 
 
+@pytest.mark.timeout(60)
+def test_a_download_over_http_leaves_the_idna_codec_alone(tmp_path, origin):
+    # getaddrinfo runs a str host through it: stringprep and unicodedata, ~4 ms.
+    data = b"fetched by name"
+    url = origin.add("/named", data)
+    env = {**os.environ, "CASSTORE_DIR": str(tmp_path / "s")}
+    got = run_probed(
+        "casstore.__main__", ("encodings.idna",), "get", url, "--sha256", sha(data), env=env
+    )
+    assert got.returncode == 0, got.stderr
+    assert got.stderr.decode().startswith("LOADED []\n")
+    assert "IMPORTED" not in got.stderr.decode(), got.stderr.decode()
+    assert origin.count("/named") == 1
+
+
 def _reap(*procs: subprocess.Popen | None) -> None:
     """Kill what a failed test left running."""
     for p in procs:
