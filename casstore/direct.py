@@ -180,9 +180,14 @@ def _read_fields(fp: Any) -> Fields:
 def _connect(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
     """``socket.create_connection``, with the host as bytes: getaddrinfo passes
     a str host through the idna codec, whose import (stringprep, unicodedata)
-    costs a process ~4 ms of CPU; the pool takes plain ASCII hosts only."""
+    costs a process ~4 ms of CPU.  The pool takes plain ASCII hosts only, which
+    the codec would only check as here: the same error for a bad name."""
     host, port = address
-    return socket.create_connection((host.encode("ascii"), port), *args, **kwargs)
+    name = host.encode("ascii")
+    *labels, last = name.split(b".")
+    if not all(0 < len(label) < 64 for label in labels) or len(last) >= 64:
+        raise UnicodeError("label empty or too long")
+    return socket.create_connection((name, port), *args, **kwargs)
 
 
 class _Connection(http.client.HTTPConnection):
