@@ -141,7 +141,7 @@ def _serve(index: _Index, root: str, url: str, sha256: str, quiet: bool) -> int 
         if os.path.exists(obj) and os.path.exists(os.path.join(root, INDEX)):
             status, _ = lookup(obj, index(), sha256, source=url)
         if status == MISSING:
-            if _wait_for_holder(index, root, url, sha256, quiet):
+            if _wait_for_holder(root, url, sha256, quiet):
                 status = HIT  # by the holder's note, which stands for what a hit records
             else:
                 status, _ = lookup(obj, index(), sha256, source=url)
@@ -160,7 +160,7 @@ def _serve(index: _Index, root: str, url: str, sha256: str, quiet: bool) -> int 
     return 0
 
 
-def _wait_for_holder(index: _Index, root: str, url: str, sha256: str, quiet: bool) -> bool:
+def _wait_for_holder(root: str, url: str, sha256: str, quiet: bool) -> bool:
     """Wait while another process holds ``sha256``'s lock (locks.hold_for_process,
     which keeps the lock if this process must download after all); True if the
     holder's note serves the object."""
@@ -182,22 +182,23 @@ def _wait_for_holder(index: _Index, root: str, url: str, sha256: str, quiet: boo
         return noted
 
     def published() -> bool:
-        # Published and indexed: the holder's row is there to read, so a
-        # crowd of waiters does not queue up to write it themselves.
-        return note_serves() or (os.path.exists(obj) and index().get_object(sha256) is not None)
+        # Once granted, an object there is the holder's, noted or not: let go
+        # at once, and look it up (loading sqlite3) only then, so that a crowd
+        # behind a holder that leaves no note is not served one at a time.
+        return note_serves() or os.path.exists(obj)
 
     def poll() -> bool:
-        # While the holder holds the lock, its note is enough: it notes right
-        # after indexing, and lets go right after that.  Only an object it has
-        # kept unnoted for a second (a batch's holder, which leaves no note,
-        # copying to a slow --dest, say) is worth opening the index for.
+        # While the holder holds the lock, its note is worth waiting for: it
+        # notes right after indexing, and lets go right after that.  Only an
+        # object it has kept unnoted for a second (a batch's holder, which
+        # leaves no note, copying to a slow --dest, say) is not.
         nonlocal unnoted_since
         if note_serves() or not os.path.exists(obj):
             return noted
         now = time.monotonic()
         if unnoted_since is None:
             unnoted_since = now
-        return now - unnoted_since >= 1.0 and published()
+        return now - unnoted_since >= 1.0
 
     hold_for_process(lock, label=url, on_wait=None if quiet else _warn, done=published, poll=poll)
     return noted

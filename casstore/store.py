@@ -563,19 +563,35 @@ class Store:
         if await asyncio.to_thread(hit):
             return known  # type: ignore[return-value]
         # The cross-process lock blocks, so it is taken and released in worker
-        # threads (locks.py releases a lock from any thread).
+        # threads (locks.py releases a lock from any thread).  A caller that
+        # stops waiting (cancels) ends the worker's wait too, and the lock is
+        # given back by whichever of the two comes second: never kept for
+        # nobody, whether or not the loop runs again.
+        gate = threading.Lock()
+        cancelled, entered = [False], [False]
         flight = single_flight(
-            self.layout, _flight_key(req, known), label=source, on_wait=log.warning
+            self.layout,
+            _flight_key(req, known),
+            label=source,
+            on_wait=log.warning,
+            done=lambda: cancelled[0],
         )
-        # A future, not a task: cancelling what is left of a loop (asyncio.run)
-        # does not cancel it, so it still says when the thread has the lock.
-        entering = asyncio.get_running_loop().run_in_executor(None, flight.__enter__)
+
+        def enter() -> None:
+            flight.__enter__()
+            with gate:
+                if cancelled[0]:
+                    flight.__exit__()
+                else:
+                    entered[0] = True
+
         try:
-            await asyncio.shield(entering)
+            await asyncio.to_thread(enter)
         except asyncio.CancelledError:
-            # The worker thread goes on waiting for the lock: give it back as
-            # soon as it has it, or it would stay held as long as the process.
-            entering.add_done_callback(lambda _: flight.__exit__())
+            with gate:
+                cancelled[0] = True
+                if entered[0]:
+                    flight.__exit__()
             raise
         try:
             if known is None:  # keyed by URL: the lock's last holder may have recorded it

@@ -354,10 +354,11 @@ def test_a_lock_entered_and_dropped_is_released_with_it(store):
 
 
 @pytest.mark.timeout(60)
-def test_an_aget_cancelled_while_it_waits_for_the_lock_lets_go_of_it(store, origin):
-    """Cancelled (asyncio.run cancels what is left) while its worker thread
-    still waits for the lock: once that thread has it, it must not stay held,
-    or every later get of the artifact would wait out its lock timeout."""
+@pytest.mark.parametrize("when", ["while it waits", "once it has the lock"])
+def test_an_aget_cancelled_as_its_worker_takes_the_lock_leaves_it_to_nobody(store, origin, when):
+    """asyncio.run cancels what is left of a loop; its worker thread must not
+    keep the lock for nobody (every later get would wait out the lock timeout),
+    whether or not the loop runs again, nor wait on for it."""
     import asyncio
 
     data = b"given up"
@@ -376,16 +377,26 @@ def test_an_aget_cancelled_while_it_waits_for_the_lock_lets_go_of_it(store, orig
                 await asyncio.sleep(0.001)
 
         loop.run_until_complete(waiting())
+        if when == "once it has the lock":
+            os.close(holder)  # granted to the worker while the loop does not run
+            _eventually(  # (woken in flock, it still has to take the lock)
+                lambda: not threads_in_flock() - others and not _free(lock),
+                "the worker never got it",
+            )
         left = asyncio.all_tasks(loop)
         for t in left:
             t.cancel()
         loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         assert task.cancelled()
-        os.close(holder)  # the worker thread now gets the lock, for nobody
-        loop.run_until_complete(loop.shutdown_default_executor())
     finally:
-        loop.close()
-    _eventually(lambda: _free(lock), "the lock outlived the aget cancelled")
+        loop.close()  # without waiting for the worker thread
+    if when == "while it waits":
+        # It stops waiting: its flock, still blocked, is parked (dropped once granted).
+        st = os.stat(lock)
+        _eventually(lambda: (st.st_dev, st.st_ino) in locks._parked, "the worker waited on")
+        os.close(holder)
+    # Given back by the worker, or by the cancelled task: whichever came second.
+    _eventually(lambda: _free(lock), "the lock was kept for nobody")
 
 
 def test_a_get_that_gave_up_on_the_lock_leaves_no_note(store, origin, monkeypatch):

@@ -157,18 +157,18 @@ def test_get_waiting_on_another_download_stays_light(tmp_path, origin):
     assert out.decode().strip().endswith(sha(data))
     assert loaded == "LOADED []\n"
     imported = [line for line in err.decode().splitlines() if line.startswith("IMPORTED")]
-    if _fresh(tmp_path / "s", sha(data)):
+    if _fresh(Path(out.decode().strip())):
         assert not imported, err.decode()
     else:  # a machine so loaded it woke the waiter over a second late
         assert set(imported) == {f"IMPORTED {m}" for m in SQLITE}, err.decode()
     assert origin.count("/wait") == 1
 
 
-def _fresh(store_dir: Path, digest: str) -> bool:
-    """Whether the holder's note on ``digest``'s lock is less than a second old
-    now, so that a waiter that has read it already read it within the second."""
-    note = (store_dir / "locks" / f"{digest}.lock").read_text()
-    return time.time() - float(note.split(" ")[2]) < 1.0
+def _fresh(obj: Path) -> bool:
+    """Whether the object at ``obj`` was written less than a second ago: then a
+    waiter done by now neither saw it there unnoted for a second nor read its
+    holder's note (written after it) over a second late."""
+    return time.time() - obj.stat().st_mtime < 1.0
 
 
 @pytest.mark.timeout(60)
@@ -247,7 +247,7 @@ def test_a_waiter_serves_by_the_note_only_of_its_object_and_url_just_indexed(
     assert row is not None and looked_up == (row["last_used"] > used)
     if note != "just written":
         assert looked_up
-    elif time.time() - written < 1.0:  # so the waiter read it within the second
+    elif _fresh(obj):
         assert not looked_up
     assert store.index.lookup_source(url) == sha(data)
 
@@ -295,8 +295,7 @@ def test_a_waiter_opens_the_index_only_for_an_object_kept_unnoted_a_second(
                 assert waiter.poll() is None, waiter.communicate()
                 assert time.monotonic() < deadline, "the waiter never looked"
                 time.sleep(0.005)
-            written = time.time()
-            leave_note(store.layout, sha(data), holder_note(obj, written, url))
+            leave_note(store.layout, sha(data), holder_note(obj, time.time(), url))
             os.close(holder)
         out, err = waiter.communicate(timeout=30)  # unnoted: while the lock is still held
     finally:
@@ -310,7 +309,7 @@ def test_a_waiter_opens_the_index_only_for_an_object_kept_unnoted_a_second(
     looked_up = "IMPORTED _sqlite3" in err.decode()
     if not holder_notes:
         assert looked_up
-    elif time.time() - written < 1.0:
+    elif _fresh(obj):
         assert not looked_up, err.decode()
 
 
