@@ -180,7 +180,7 @@ def _read_fields(fp: Any) -> Fields:
 def _connect(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
     """``socket.create_connection``, with the host as bytes: getaddrinfo passes
     a str host through the idna codec, whose import (stringprep, unicodedata)
-    costs a process ~4 ms of CPU.  The pool takes plain ASCII hosts only, which
+    costs a get ~1 ms of CPU.  The pool takes plain ASCII hosts only, which
     the codec would only check as here: the same error for a bad name."""
     host, port = address
     name = host.encode("ascii")

@@ -22,7 +22,7 @@ HEAVY = ("httpx", "blake3", "sqlite_utils", "rich", "yaml")
 # Beyond HEAVY, what the fast path (hit.py) does without: each costs a process
 # milliseconds (pathlib ~9, re ~2; typing pulls in re).
 LIGHT_PATH_SKIPS = ("click", "casstore.store", "pathlib", "re", "typing", "urllib.parse")
-# ~1 ms each, with the functools and collections they load.
+# ~1 ms together, with the functools and collections they load.
 THREADING = ("threading", "contextlib")
 # A hit needs them, but a waiter that the holder's note serves (hit.py) does not.
 SQLITE = ("_sqlite3", "functools")
@@ -94,7 +94,7 @@ def test_cli_cache_hit_imports_no_heavy_module(tmp_path, origin, entry, also_abs
 
 @pytest.mark.timeout(60)
 def test_a_download_over_http_leaves_the_idna_codec_alone(tmp_path, origin):
-    # getaddrinfo runs a str host through it: stringprep and unicodedata, ~4 ms.
+    # getaddrinfo runs a str host through it: stringprep and unicodedata, ~1 ms.
     data = b"fetched by name"
     url = origin.add("/named", data)
     env = {**os.environ, "CASSTORE_DIR": str(tmp_path / "s")}
