@@ -194,26 +194,8 @@ def test_a_waiter_serves_by_the_note_only_of_its_object_and_url_just_indexed(
     recording its use and its URL."""
     data = b"noted object"
     url, other = origin.add("/n", data), origin.add("/m", data)
-    store.layout.ensure()
-    lock = store.layout.lock_path(sha(data))
-    holder = os.open(lock, os.O_RDWR | os.O_CREAT)
-    fcntl.flock(holder, fcntl.LOCK_EX)
-    waiter = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            import_probe("casstore.__main__", ("_sqlite3",)),
-            *("--store", str(store.root), "get", url, "--sha256", sha(data)),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    holder, waiter = _waiter_behind_this_process(store, url, sha(data))
     try:
-        deadline = time.monotonic() + 30
-        while not threads_in_flock(waiter.pid):
-            assert waiter.poll() is None, waiter.communicate()
-            assert time.monotonic() < deadline, "the waiter never blocked in flock"
-            time.sleep(0.005)
         # This process is the holder: it publishes under the lock it already has.
         monkeypatch.setenv("CASSTORE_LOCK_TIMEOUT", "0")
         obj = store.get(other if note == "for another URL" else url, sha256=sha(data))
@@ -252,6 +234,32 @@ def test_a_waiter_serves_by_the_note_only_of_its_object_and_url_just_indexed(
     assert store.index.lookup_source(url) == sha(data)
 
 
+def _waiter_behind_this_process(store, url: str, digest: str) -> tuple[int, subprocess.Popen]:
+    """This process holding ``digest``'s lock (the descriptor), and a light
+    ``casstore get`` (import_probe, watching sqlite3) blocked in flock behind it."""
+    store.layout.ensure()
+    holder = os.open(store.layout.lock_path(digest), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    waiter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            import_probe("casstore.__main__", ("_sqlite3",)),
+            *("--store", str(store.root), "get", url, "--sha256", digest),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while not threads_in_flock(waiter.pid):
+        if waiter.poll() is not None or time.monotonic() > deadline:
+            _reap(waiter)
+            os.close(holder)
+            raise AssertionError(f"the waiter never blocked in flock: {waiter.communicate()}")
+        time.sleep(0.005)
+    return holder, waiter
+
+
 def _woken(pid: int) -> int:
     """How often the main thread of ``pid`` has gone to sleep: a waiter's does
     once per look at the lock's holder (locks.DONE_POLL)."""
@@ -269,24 +277,13 @@ def test_a_waiter_opens_the_index_only_for_an_object_kept_unnoted_a_second(
 ):
     """Between publishing and its note, a holder fsyncs and indexes: a waiter
     that looks meanwhile waits for the note rather than load sqlite3.  Past a
-    second unnoted (a batch's holder leaves no note), the index tells it, and it
-    goes on without waiting for the holder to let go."""
+    second unnoted (a batch's holder leaves no note), it goes on without
+    waiting for the holder to let go, and looks the object up."""
     data = b"published, not yet noted"
     url = origin.add("/unnoted", data)
-    store.layout.ensure()
-    holder = os.open(store.layout.lock_path(sha(data)), os.O_RDWR | os.O_CREAT)
-    fcntl.flock(holder, fcntl.LOCK_EX)
-    probe = import_probe("casstore.__main__", ("_sqlite3",))
-    cmd = ["--store", str(store.root), "get", url, "--sha256", sha(data)]
-    waiter = subprocess.Popen(
-        [sys.executable, "-c", probe, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    holder, waiter = _waiter_behind_this_process(store, url, sha(data))
+    deadline = time.monotonic() + 30
     try:
-        deadline = time.monotonic() + 30
-        while not threads_in_flock(waiter.pid):
-            assert waiter.poll() is None, waiter.communicate()
-            assert time.monotonic() < deadline, "the waiter never blocked in flock"
-            time.sleep(0.005)
         monkeypatch.setenv("CASSTORE_LOCK_TIMEOUT", "0")  # this process holds the lock
         obj = store.get(url, sha256=sha(data))
         if holder_notes:
