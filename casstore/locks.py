@@ -108,7 +108,7 @@ def single_flight(
 def leave_note(layout: Layout, key: str, note: str) -> None:
     """Leave ``note`` in ``key``'s lock file for the processes waiting on it,
     in place of the last holder's.  Only while holding the lock: a waiter reads
-    it once the lock is its own, or while it polls ``done``.  Best effort: a
+    it while it waits, or once the lock is its own.  Best effort: a
     waiter without a note does the work the note would have spared it."""
     try:
         # A second descriptor on the file: closing it keeps the flock, which
@@ -257,9 +257,9 @@ class _Flight:
             os.close(fd)  # closing the only descriptor releases the flock
 
     def __del__(self) -> None:
-        # A block entered and never ended (an aget cancelled while its worker
-        # thread was still taking the lock): let go with the object, as a
-        # generator's ``finally`` would, not at the process's exit.
+        # A block entered and never ended (its caller dropped it midway): let
+        # go with the object, as a generator's ``finally`` would, not only at
+        # the process's exit.
         if self._fd is not None:
             try:
                 self.__exit__()
