@@ -49,7 +49,9 @@ KEEP = 20
 KEEP_IDLE = 5.0  # seconds a connection stays kept unused, as httpx's keepalive_expiry
 DRAIN_MAX = 64 << 10  # a redirect's body bigger than this costs its connection
 # RFC 3986's characters: anything else httpx would percent-encode first, so it goes there.
-_PLAIN_URL = re.compile(r"https?://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+", re.I)
+# (ASCII only: with re.I alone, U+017F, the long s, matches "s", letting a
+# non-ASCII host through.)
+_PLAIN_URL = re.compile(r"https?://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+", re.I | re.A)
 # httpx sends "/a/../b" as "/b" and keeps an empty "?": left to it.
 _DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
 

@@ -313,7 +313,8 @@ def test_bad_header_values_and_host_names_are_clear_errors(store_dir, origin, mo
     with Store(store_dir, headers={"X-Name": "café"}) as s, pytest.raises(InvalidInput):
         s.get(url, sha256=sha(DATA))
     assert origin.requests() == []
-    for host in ("a..b", "a" * 64 + ".b", "b." + "a" * 64):  # an empty label, too long ones
+    # An empty label, too long ones, and a non-ASCII one (which re.I alone took as plain).
+    for host in ("a..b", "a" * 64 + ".b", "b." + "a" * 64, "\u017f.invalid"):
         with Store(store_dir) as s, pytest.raises(DownloadError, match="invalid URL") as info:
             s.get(f"http://{host}/x", sha256=sha(DATA))
         assert info.value.exit_code == 4
