@@ -175,9 +175,8 @@ def _wait_for_holder(root: str, url: str, sha256: str, quiet: bool) -> bool:
     def note_serves() -> bool:
         nonlocal noted
         noted = (  # as of this, the last look: the object may have gone since
-            os.path.exists(obj)
-            and os.path.exists(os.path.join(root, INDEX))  # (else one is made)
-            and _served_by_note(read_note(lock), obj, url)
+            os.path.exists(os.path.join(root, INDEX))  # (else one is made)
+            and _served_by_note(read_note(lock), obj, url)  # (a stat of the object)
         )
         return noted
 
@@ -193,8 +192,10 @@ def _wait_for_holder(root: str, url: str, sha256: str, quiet: bool) -> bool:
         # object it has kept unnoted for a second (a batch's holder, which
         # leaves no note, copying to a slow --dest, say) is not.
         nonlocal unnoted_since
-        if note_serves() or not os.path.exists(obj):
-            return noted
+        if not os.path.exists(obj):
+            return False
+        if note_serves():
+            return True
         now = time.monotonic()
         if unnoted_since is None:
             unnoted_since = now

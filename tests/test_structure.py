@@ -271,17 +271,20 @@ def _woken(pid: int) -> int:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("holder_notes", [True, False])
+@pytest.mark.parametrize("holder", ["notes and lets go", "notes and keeps the lock", "never notes"])
 def test_a_waiter_opens_the_index_only_for_an_object_kept_unnoted_a_second(
-    store, origin, monkeypatch, holder_notes
+    store, origin, monkeypatch, holder
 ):
     """Between publishing and its note, a holder fsyncs and indexes: a waiter
-    that looks meanwhile waits for the note rather than load sqlite3.  Past a
-    second unnoted (a batch's holder leaves no note), it goes on without
-    waiting for the holder to let go, and looks the object up."""
+    that looks meanwhile waits for the note rather than load sqlite3, and
+    serves by it as soon as it is there, even while the holder keeps the lock
+    (copying to a slow --dest, say).  Past a second unnoted (a batch's holder
+    leaves no note), it goes on without waiting for the holder to let go, and
+    looks the object up."""
+    holder_notes = holder != "never notes"
     data = b"published, not yet noted"
     url = origin.add("/unnoted", data)
-    holder, waiter = _waiter_behind_this_process(store, url, sha(data))
+    holder_fd, waiter = _waiter_behind_this_process(store, url, sha(data))
     deadline = time.monotonic() + 30
     try:
         monkeypatch.setenv("CASSTORE_LOCK_TIMEOUT", "0")  # this process holds the lock
@@ -293,11 +296,12 @@ def test_a_waiter_opens_the_index_only_for_an_object_kept_unnoted_a_second(
                 assert time.monotonic() < deadline, "the waiter never looked"
                 time.sleep(0.005)
             leave_note(store.layout, sha(data), holder_note(obj, time.time(), url))
-            os.close(holder)
-        out, err = waiter.communicate(timeout=30)  # unnoted: while the lock is still held
+            if holder == "notes and lets go":
+                os.close(holder_fd)
+        out, err = waiter.communicate(timeout=30)  # else while the lock is still held
     finally:
         try:
-            os.close(holder)
+            os.close(holder_fd)
         except OSError:
             pass  # closed already: the holder let go
         _reap(waiter)
