@@ -1,10 +1,20 @@
-"""Plain HTTP/1.1 GETs over the standard library's ``http.client``: the common case, cheaply.
+"""Plain HTTP/1.1 GETs on kept-alive sockets: the common case, cheaply.
 
 httpx's client layers (cookies, the auth and redirect flows, its URL and
 header models) cost ~0.35 ms of CPU per request here; a small file's whole
 get costs ~1 ms, so in a batch of small files httpx was a third of the work.
-A GET through ``http.client`` on a kept-alive connection costs ~0.14 ms
-(``bench/bench_concurrency.py --only small`` and the README).
+``http.client`` cost ~0.12 ms a request on a kept-alive connection (a
+request built header by header, a buffered reader made per answer) and
+~7 ms of imports (``email``, ``ssl``); the request written in one piece and
+the answer read as below cost ~0.05 ms (``bench/bench_concurrency.py
+--only small`` and the README).
+
+An answer is read as ``http.client.HTTPResponse`` reads one (its limits,
+its framing: chunked, sized, or until the server closes), with two
+differences: interim 1xx answers are all skipped (``http.client`` skips
+``100 Continue`` only; httpx skips them all), and a header line that is no
+field is refused, as h11 (httpx's parser) refuses it.  A framing error is a
+``ProtocolError``, which ``fetch.py`` retries as it retries httpx's.
 
 Only requests where httpx would add nothing come here (``Pool.takes``): an
 ``http://`` or ``https://`` URL of plain characters, no credentials (none in
@@ -22,7 +32,8 @@ origin (at most ``KEEP`` idle ones, for at most ``KEEP_IDLE`` seconds, as
 httpx keeps them), reused only after a body was read to its end, and checked
 before reuse: one the server closed, or that holds unread bytes, is dropped.
 A reused connection that fails before any byte of the answer (the server
-closed it while idle) is retried once on a new one, as httpcore does.
+closed it while idle) is retried once on a new one, as httpcore does.  A
+connection holding bytes past the end of its last answer is never reused.
 
 This module knows nothing of sinks, retries or the store: it opens
 responses; ``fetch.py`` decides what to do with them.
@@ -30,7 +41,6 @@ responses; ``fetch.py`` decides what to do with them.
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import select
@@ -71,40 +81,110 @@ class TooManyRedirects(Exception):
     pass
 
 
-class BadRedirect(http.client.HTTPException):
-    """A Location header that is no URL (httpx: RemoteProtocolError, retried)."""
+class ProtocolError(Exception):
+    """An answer that breaks HTTP/1.1: its status line, header block or body
+    framing (httpx: RemoteProtocolError, retried)."""
 
 
-class _Answer(http.client.HTTPResponse):
-    """``http.client``'s response, with its header block read here rather than
-    through the ``email`` package (half of its CPU cost for a small file), and
-    past every interim 1xx answer (``http.client`` skips ``100 Continue`` only;
-    httpx skips them all).  ``begin`` is ``HTTPResponse.begin`` with those two
-    changes; the body's framing (chunked, length, close) is decided as there."""
+class BadStatusLine(ProtocolError):
+    """No status line where one was due: on a kept-alive connection, asked again."""
 
-    def begin(self) -> None:
-        if self.headers is not None:
-            return
+
+class BadRedirect(ProtocolError):
+    """A Location header that is no URL."""
+
+
+class _Conn:
+    """A kept-alive connection: its socket and the bytes received past what was read."""
+
+    __slots__ = ("_buf", "_pos", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+        self._pos = 0  # where the unread part of _buf starts
+
+    def readline(self, limit: int) -> bytes:
+        """Up to and including the next ``\\n``, at most ``limit`` bytes; what is left at EOF."""
+        buf = self._buf
         while True:
-            version, status, reason = self._read_status()
+            pos = self._pos
+            end = buf.find(b"\n", pos, pos + limit)
+            if end >= 0:
+                end += 1
+            elif len(buf) - pos < limit and self._fill():
+                continue
+            else:
+                pos = self._pos  # (a fill moves what was left to the front)
+                end = min(len(buf), pos + limit)
+            self._pos = end
+            return bytes(buf[pos:end])
+
+    def readinto(self, view: memoryview) -> int:
+        pos = self._pos
+        have = len(self._buf) - pos
+        if not have:
+            return self.sock.recv_into(view)
+        n = min(have, len(view))
+        view[:n] = self._buf[pos : pos + n]
+        self._pos = pos + n
+        return n
+
+    def read1(self, n: int) -> bytes:
+        pos = self._pos
+        have = len(self._buf) - pos
+        if not have:
+            return self.sock.recv(n)
+        n = min(have, n)
+        self._pos = pos + n
+        return bytes(self._buf[pos : pos + n])
+
+    def clean(self) -> bool:
+        """Nothing received past the answers read: it may carry another."""
+        return self._pos == len(self._buf)
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None  # type: ignore[assignment]
+        if sock is not None:
+            sock.close()
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(1 << 16)
+        if self._pos:  # (only a part line is kept: cheap to move)
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+        return bool(data)
+
+
+class _Answer:
+    """One answer read from ``conn``: ``status``, ``reason``, ``headers``, and its
+    body through ``read1`` / ``readinto``, framed as ``http.client`` frames it
+    (chunked, ``length`` bytes, or until the server closes).  ``complete``
+    once the body was read to its end; ``will_close`` when the connection
+    cannot carry another answer."""
+
+    def __init__(self, conn: _Conn) -> None:
+        self._conn = conn
+        while True:
+            version, status, reason = _read_status(conn)
             if not 100 <= status < 200 or status == 101:
                 break
-            _read_fields(self.fp)  # the interim answer's headers: dropped
-        self.code = self.status = status
-        self.reason = reason.strip()
+            _read_fields(conn)  # an interim answer's headers: dropped
         if version in ("HTTP/1.0", "HTTP/0.9"):
-            self.version = 10
+            old = True
         elif version.startswith("HTTP/1."):
-            self.version = 11
+            old = False
         else:
-            raise http.client.UnknownProtocol(version)
-        self.headers = self.msg = _read_fields(self.fp)  # type: ignore[assignment]
-        encoding = self.headers.get("transfer-encoding")
+            raise ProtocolError(f"unknown protocol {version[:20]!r}")
+        self.status = status
+        self.reason = reason.strip()
+        self.headers = headers = _read_fields(conn)
+        encoding = headers.get("transfer-encoding")
         self.chunked = bool(encoding) and encoding.lower() == "chunked"
-        self.chunk_left = None
-        self.will_close = self._check_close()
-        self.length = None
-        length = self.headers.get("content-length")
+        self.will_close = _closes(old, headers)
+        self.length: int | None = None  # bytes of the body still to come, when sized
+        length = headers.get("content-length")
         if length and not self.chunked:
             try:
                 self.length = int(length)
@@ -113,10 +193,120 @@ class _Answer(http.client.HTTPResponse):
             else:
                 if self.length < 0:
                     self.length = None
-        if status in (204, 304) or self._method == "HEAD":
+        if status in (204, 304) or status < 200:
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
+        self.complete = self.length == 0
+        self._chunk_left: int | None = None  # of the current chunk; None: a size line is due
+
+    def readinto(self, b: memoryview) -> int:
+        """Read into ``b``; 0 at the body's end (or at EOF before it: a short body)."""
+        if self.complete or not len(b):
+            return 0
+        if self.chunked:
+            left = self._chunk()
+            if not left:
+                return 0
+            n = self._conn.readinto(b[:left] if len(b) > left else b)
+            if not n:
+                raise ProtocolError("the connection closed inside a chunk")
+            self._chunk_left = left - n
+            return n
+        if self.length is not None and len(b) > self.length:
+            b = b[: self.length]
+        return self._took(self._conn.readinto(b))
+
+    def read1(self, n: int) -> bytes:
+        """At most ``n`` bytes, from one read at most; b"" at the body's end."""
+        if self.complete or n <= 0:
+            return b""
+        if self.chunked:
+            left = self._chunk()
+            if not left:
+                return b""
+            data = self._conn.read1(min(n, left))
+            if not data:
+                raise ProtocolError("the connection closed inside a chunk")
+            self._chunk_left = left - len(data)
+            return data
+        if self.length is not None:
+            n = min(n, self.length)
+        data = self._conn.read1(n)
+        self._took(len(data))
+        return data
+
+    def _took(self, n: int) -> int:
+        if not n:  # EOF: the end of a body sized by the close, or a short one
+            self.complete = self.length is None
+            self.will_close = True
+        elif self.length is not None:
+            self.length -= n
+            self.complete = not self.length
+        return n
+
+    def _chunk(self) -> int:
+        """The bytes left in the current chunk, reading its size line first if
+        one is due; 0 once the last chunk and the trailer are read."""
+        left = self._chunk_left
+        if left:
+            return left
+        conn = self._conn
+        if left == 0 and len(conn.readline(_MAX_LINE + 1)) != 2:  # a chunk's CRLF
+            raise ProtocolError("a chunk longer than its size")
+        line = conn.readline(_MAX_LINE + 1)
+        if len(line) > _MAX_LINE:
+            raise ProtocolError("chunk size line too long")
+        try:
+            left = int(line.split(b";", 1)[0], 16)
+        except ValueError:
+            left = -1
+        if left < 0:
+            raise ProtocolError("a bad chunk size" if line else "the connection closed in the body")
+        if not left:
+            for _ in range(_MAX_FIELDS + 1):  # the trailer: dropped
+                line = conn.readline(_MAX_LINE + 1)
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                if len(line) > _MAX_LINE:
+                    raise ProtocolError("trailer line too long")
+            else:
+                raise ProtocolError(f"got more than {_MAX_FIELDS} trailer fields")
+            self.complete = True
+        self._chunk_left = left
+        return left
+
+
+def _read_status(conn: _Conn) -> tuple[str, int, str]:
+    """(version, status, reason) from a status line, as ``http.client`` reads it."""
+    line = str(conn.readline(_MAX_LINE + 1), "iso-8859-1")
+    if len(line) > _MAX_LINE:
+        raise ProtocolError("status line too long")
+    if not line:
+        raise ConnectionResetError("the server closed the connection without an answer")
+    version, status, reason = [*line.split(None, 2), "", ""][:3]
+    if not version.startswith("HTTP/"):
+        raise BadStatusLine(line)
+    try:
+        code = int(status)
+    except ValueError:
+        raise BadStatusLine(line) from None
+    if not 100 <= code <= 999:
+        raise BadStatusLine(line)
+    return version, code, reason
+
+
+def _closes(old: bool, headers: Fields) -> bool:
+    """Whether the server closes the connection after this answer, as ``http.client`` decides."""
+    conn = (headers.get("connection") or "").lower()
+    if not old:
+        return "close" in conn
+    # HTTP/1.0 keeps a connection only when it says so.
+    return not (
+        headers.get("keep-alive")
+        or "keep-alive" in conn
+        or "keep-alive" in (headers.get("proxy-connection") or "").lower()
+    )
 
 
 class Fields:
@@ -152,7 +342,7 @@ _MAX_FIELDS = 100
 _OWS = " \t\r\n"
 
 
-def _read_fields(fp: Any) -> Fields:
+def _read_fields(fp: _Conn) -> Fields:
     """The header block up to its empty line, decoded as ISO-8859-1 as
     ``http.client`` does.  A folded line continues the field before it, joined
     by a space (as h11, httpx's parser); a line that is no field is refused,
@@ -162,12 +352,12 @@ def _read_fields(fp: Any) -> Fields:
     while True:
         line = fp.readline(_MAX_LINE + 1)
         if len(line) > _MAX_LINE:
-            raise http.client.LineTooLong("header line")
+            raise ProtocolError("header line too long")
         if line in (b"\r\n", b"\n", b""):
             return Fields(fields)
         lines += 1
         if lines > _MAX_FIELDS:
-            raise http.client.HTTPException(f"got more than {_MAX_FIELDS} headers")
+            raise ProtocolError(f"got more than {_MAX_FIELDS} headers")
         text = line.decode("iso-8859-1")
         if text[0] in " \t" and fields:
             name, value = fields[-1]
@@ -175,7 +365,7 @@ def _read_fields(fp: Any) -> Fields:
             continue
         name, colon, value = text.partition(":")
         if not colon or not name or " " in name or "\t" in name:
-            raise http.client.HTTPException("a malformed header line")
+            raise ProtocolError("a malformed header line")
         fields.append((name, value.strip(_OWS)))
 
 
@@ -192,18 +382,6 @@ def _connect(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.sock
     return socket.create_connection((name, port), *args, **kwargs)
 
 
-class _Connection(http.client.HTTPConnection):
-    response_class = _Answer
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._create_connection = _connect
-
-
-class _TLSConnection(http.client.HTTPSConnection):
-    response_class = _Answer
-
-
 def _proxied() -> bool:
     """Whether a proxy is configured for http, https or all, as httpx reads it."""
     if sys.platform not in ("darwin", "win32") and not any(
@@ -218,7 +396,7 @@ def _proxied() -> bool:
 
 
 class Pool:
-    """Kept-alive ``http.client`` connections per origin; safe to share between threads.
+    """Kept-alive connections per origin; safe to share between threads.
 
     ``headers`` go with every request (ours; the caller's come per request).
     ``tls`` is the ``ssl.SSLContext`` for https.  The proxies are read once,
@@ -242,7 +420,7 @@ class Pool:
         self.keep_idle = keep_idle
         self.proxied = _proxied()
         # Per origin, the kept connections and when each was given back.
-        self._idle: dict[tuple[str, str, int | None], list[tuple[Any, float]]] = {}
+        self._idle: dict[tuple[str, str, int | None], list[tuple[_Conn, float]]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._netrc: tuple[Any, Any] | None = None  # (stat key, parsed or None)
@@ -289,7 +467,7 @@ class Pool:
         Raises:
             Handover: a redirect left what ``takes``; httpx goes on from there.
             TooManyRedirects: more than ``max_redirects``.
-            OSError, http.client.HTTPException: the connection or the answer failed
+            OSError, ProtocolError: the connection or the answer failed
                 (``BadRedirect``: a Location that is no URL).
         """
         first, asked = url, headers
@@ -347,22 +525,23 @@ class Pool:
     def _exchange(self, url: str, headers: dict[str, str], timeout: float) -> Response:
         parts = urlsplit(url)
         key = _origin(url)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         asked = {name.lower() for name in headers}
+        # As http.client writes it: the request line, Host, ours, the caller's.
+        query = f"?{parts.query}" if parts.query else ""
+        lines = [f"GET {parts.path or '/'}{query} HTTP/1.1"]
+        if "host" not in asked:
+            lines.append(f"Host: {_host_field(key)}")
+        lines += [f"{n}: {v}" for n, v in self.headers.items() if n.lower() not in asked]
+        lines += [f"{n}: {v}" for n, v in headers.items()]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         while True:
             conn, reused = self._take(key, timeout)
             try:
-                conn.putrequest("GET", target, skip_host="host" in asked, skip_accept_encoding=True)
-                for name, value in self.headers.items():
-                    if name.lower() not in asked:
-                        conn.putheader(name, value)
-                for name, value in headers.items():
-                    conn.putheader(name, value)
-                conn.endheaders()
-                answer = conn.getresponse()
-            except (ConnectionError, http.client.BadStatusLine):
+                conn.sock.sendall(request)
+                answer = _Answer(conn)
+            except (ConnectionError, BadStatusLine):
                 conn.close()
-                # RemoteDisconnected, reset, broken pipe on a kept-alive connection:
+                # Reset, broken pipe or no answer at all on a kept-alive connection:
                 # the server closed it while idle; nothing was answered, ask again.
                 if reused:
                     continue
@@ -372,7 +551,7 @@ class Pool:
                 raise
             return Response(self, key, conn, answer, url)
 
-    def _take(self, key: tuple[str, str, int | None], timeout: float) -> tuple[Any, bool]:
+    def _take(self, key: tuple[str, str, int | None], timeout: float) -> tuple[_Conn, bool]:
         while True:
             with self._lock:
                 idle = self._idle.get(key)
@@ -385,20 +564,18 @@ class Pool:
                 return conn, True
             conn.close()  # expired, closed by the server, or unread bytes: never reused
         scheme, host, port = key
-        connect = min(timeout, self.connect_timeout)
-        if scheme == "https":
-            conn = _TLSConnection(host, port, timeout=connect, context=self.tls)
-        else:
-            conn = _Connection(host, port, timeout=connect)
+        sock = _connect((host, port or _PORTS[scheme]), min(timeout, self.connect_timeout))
         try:
-            conn.connect()
-            conn.sock.settimeout(timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as http.client
+            if scheme == "https":
+                sock = self.tls.wrap_socket(sock, server_hostname=host)
+            sock.settimeout(timeout)
         except BaseException:
-            conn.close()
+            sock.close()
             raise
-        return conn, False
+        return _Conn(sock), False
 
-    def _give_back(self, key: tuple[str, str, int | None], conn: Any) -> None:
+    def _give_back(self, key: tuple[str, str, int | None], conn: _Conn) -> None:
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if not self._closed and len(idle) < KEEP:
@@ -435,15 +612,14 @@ class Response:
     ``url`` (after redirects), and its body through ``read1`` / ``readinto`` /
     ``length`` (the bytes still to come, None when unknown or chunked).
 
-    ``readinto`` returns what arrived before a clean EOF; a timeout or reset
-    loses what that call had received (the buffered reader raises rather than
-    returns), so a resume then starts a little earlier.
+    Each read returns what one receive brought, so nothing received is lost
+    to a timeout or reset that ends a later one: a resume starts right there.
     """
 
-    def __init__(self, pool: Pool, key: Any, conn: Any, answer: Any, url: str) -> None:
+    def __init__(self, pool: Pool, key: Any, conn: _Conn, answer: _Answer, url: str) -> None:
         self._pool = pool
         self._key = key
-        self._conn = conn
+        self._conn: _Conn | None = conn
         self._answer = answer
         self.status: int = answer.status
         self.reason: str = answer.reason
@@ -458,25 +634,23 @@ class Response:
 
     def drain(self) -> None:
         """Read a (redirect's) body to its end to keep the connection, then let it go."""
+        answer = self._answer
         try:
-            if self._answer.length is None or self._answer.length > DRAIN_MAX:
-                self._conn.close()
-            else:
-                self._answer.read()
-        except (OSError, http.client.HTTPException):
-            self._conn.close()
+            if answer.length is not None and answer.length <= DRAIN_MAX:
+                while answer.read1(DRAIN_MAX):
+                    pass
+        except (OSError, ProtocolError):
+            answer.will_close = True
         self.done()
 
     def done(self) -> None:
-        """The connection goes back to the pool if the body was read to its end
-        and the server keeps it open; otherwise it is closed."""
+        """The connection goes back to the pool if the body was read to its end,
+        nothing came after it and the server keeps it open; otherwise it is closed."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
         answer = self._answer
-        if answer.length == 0 and not answer.isclosed():
-            answer.read()  # read1 leaves a body read to its end open
-        if answer.status >= 200 and answer.isclosed() and not answer.will_close and conn.sock:
+        if answer.status >= 200 and answer.complete and not answer.will_close and conn.clean():
             self._pool._give_back(self._key, conn)
         else:
             conn.close()
@@ -494,7 +668,7 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def _close_all(idle: dict[Any, list[tuple[Any, float]]]) -> None:
+def _close_all(idle: dict[Any, list[tuple[_Conn, float]]]) -> None:
     for conns in idle.values():
         for conn, _ in conns:
             conn.close()
@@ -511,6 +685,13 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     except ValueError:  # a malformed port: not ours to take, httpx says what is wrong
         port = None
     return scheme, parts.hostname or "", port
+
+
+def _host_field(key: tuple[str, str, int | None]) -> str:
+    """The Host field http.client writes for an origin: the port only when not the default."""
+    scheme, host, port = key
+    name = f"[{host}]" if ":" in host else host  # an IPv6 literal
+    return name if port in (None, _PORTS[scheme]) else f"{name}:{port}"
 
 
 _COOKIE_DOMAIN = re.compile(r";\s*domain\s*=\s*\.?([^;\s]+)", re.I)

@@ -1,6 +1,6 @@
 """Bytes from a URL into a sink: the only module that imports httpx.
 
-Plain GETs go over ``http.client`` (``direct.py``: a ``Session``'s pool),
+Plain GETs go over kept-alive sockets (``direct.py``: a ``Session``'s pool),
 the rest through httpx; both paths share every decision here, and errors
 from either become the same ``_Retry`` or ``DownloadError`` (``_failure``).
 
@@ -180,7 +180,7 @@ def parse_header(text: str) -> tuple[str, str]:
 def _check_headers(items: Any) -> tuple[tuple[str, str], ...]:
     out = []
     for name, value in items:
-        # ASCII only: httpx refuses other values, http.client would send latin-1.
+        # ASCII only: httpx refuses other values, the direct lane would send latin-1.
         if not _HEADER_NAME.match(name) or "\n" in value or "\r" in value or not value.isascii():
             raise InvalidInput(f"invalid header {name[:40]!r}")
         out.append((name, value))
@@ -270,7 +270,7 @@ def new_async_client(*, timeout: float = DEFAULT_TIMEOUT) -> httpx.AsyncClient:
 
 
 class Session:
-    """What one store's downloads share: a pool of plain ``http.client``
+    """What one store's downloads share: a pool of plain HTTP/1.1
     connections (``direct.py``) for the requests it takes, and an httpx client,
     made on first need, for the rest.  Safe to share between threads.
 
@@ -744,8 +744,8 @@ def download(
     """Stream ``url`` into ``sink``, retrying and resuming under ``policy``.
 
     Blocks.  ``size`` is the expected whole size, when known.  A request the
-    session's direct pool takes goes over ``http.client`` (``direct.py``), the
-    rest through httpx.  ``verified`` says the caller checks the bytes
+    session's direct pool takes goes over its own connections (``direct.py``),
+    the rest through httpx.  ``verified`` says the caller checks the bytes
     against a known digest afterwards; only then does httpx's path read a
     large body straight from the socket (``_body_socket``), which trusts
     httpx to hand over all it buffered in its first chunk: were that ever
@@ -797,8 +797,8 @@ def _through_pool(
         _accept(t, sink, r.status, r.headers, r.reason, r.url)
         limit = _limit(t)
         if r.length is not None and r.length >= sink.BATCH and limit == sink.size + r.length:
-            # http.client reads a sized body into our buffers with no copy per read
-            # (as fast as _body_socket, bench_download.py) and keeps the connection.
+            # The direct lane receives a sized body into our buffers with no copy per
+            # read (as fast as _body_socket, bench_download.py) and keeps the connection.
             _recv_body(t, sink, r.readinto, r.length)
         else:
             while chunk := r.read1(min(r.length or 1 << 16, READ_CHUNK)):
@@ -818,14 +818,13 @@ def _through_httpx(
 def _failure(exc: Exception, t: _Transfer) -> Exception:
     """A transport's error as a retry (transient) or a final DownloadError; ``exc``
     itself when it is neither (a bug, not the network's)."""
-    import http.client
     import sys
 
-    from .direct import TooManyRedirects
+    from .direct import ProtocolError, TooManyRedirects
 
     httpx = sys.modules.get("httpx")
     text = _describe(exc, t.url)
-    if isinstance(exc, http.client.HTTPException) and not isinstance(exc, OSError):
+    if isinstance(exc, ProtocolError):
         # Its text may be the server's raw status line: named and quoted, never echoed.
         what = f"{type(exc).__name__}: {str(exc)[:80]!r}" if str(exc) else type(exc).__name__
         return _Retry(f"bad answer from the server ({what})", cause=exc)

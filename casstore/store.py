@@ -398,8 +398,8 @@ class Store:
 
     @property
     def client(self) -> Any:
-        """The httpx client downloads use where they do not go over ``http.client``
-        (created on first use)."""
+        """The httpx client downloads use where they do not go over the direct
+        lane (created on first use)."""
         return self._downloads().client
 
     def _share(

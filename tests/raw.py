@@ -3,7 +3,8 @@
 
 ``Raw(answer)`` calls ``answer(request_head)`` for each request on a kept-alive
 connection and sends the bytes it returns (with ``Raw.CLOSE`` after them: then
-closes the connection); ``seen`` lists (client port, head).
+closes the connection; with ``Raw.DRIP``: sends them a byte at a time, then
+closes); ``seen`` lists (client port, head).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 class Raw:
     CLOSE = object()
+    DRIP = object()
 
     def __init__(self, answer: Callable[[str], bytes | tuple[bytes, object]]) -> None:
         self.answer = answer
@@ -52,8 +54,13 @@ class Raw:
                 out = self.answer(head.decode("latin-1"))
                 data, then = out if isinstance(out, tuple) else (out, None)
                 try:
-                    conn.sendall(data)
+                    if then is self.DRIP:  # each byte a segment of its own
+                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        for i in range(len(data)):
+                            conn.sendall(data[i : i + 1])
+                    else:
+                        conn.sendall(data)
                 except OSError:
                     return
-                if then is self.CLOSE:
+                if then in (self.CLOSE, self.DRIP):
                     return

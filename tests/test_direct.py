@@ -1,10 +1,11 @@
-"""The direct lane (direct.py): plain GETs over http.client, httpx for the rest.
+"""The direct lane (direct.py): plain GETs on its own connections, httpx for the rest.
 
 What each request took is told by what the origin saw: the client's port (one
 per connection), the headers, the request counts."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -63,8 +64,9 @@ def test_a_new_connection_hung_up_is_an_attempt_retried(store, store_dir, origin
 
 
 def test_a_connection_with_bytes_left_unread_is_not_reused(store, store_dir, origin):
-    # The origin sends 10 bytes more than its Content-Length: past the reader's 8 KiB
-    # buffer, they stay in the socket.  (Within it, they go with the old response.)
+    # The origin sends 10 bytes more than its Content-Length: past the body read into
+    # the sink's buffers, they stay in the socket.  (Bytes received with the end of
+    # an answer: test_a_connection_is_kept_only_when_it_can_carry_the_next_answer.)
     long = origin.add("/long", DATA, content_length=len(DATA) - 10)
     after = origin.add("/after", OTHER)
     with pytest.raises(HashMismatch):
@@ -83,7 +85,7 @@ def test_a_redirect_to_credentials_goes_on_through_httpx(store, store_dir, origi
     assert_store_consistent(store_dir)
 
 
-@pytest.mark.parametrize("direct", ["1", "0"], ids=["http.client", "httpx"])
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["direct", "httpx"])
 def test_authorization_is_dropped_on_a_redirect_to_another_origin(
     store_dir, origin, second_origin, monkeypatch, direct
 ):
@@ -101,7 +103,7 @@ def test_authorization_is_dropped_on_a_redirect_to_another_origin(
     assert_store_consistent(store_dir)
 
 
-@pytest.mark.parametrize("direct", ["1", "0"], ids=["http.client", "httpx"])
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["direct", "httpx"])
 def test_what_goes_on_the_wire_is_the_same_either_way(store_dir, origin, monkeypatch, direct):
     monkeypatch.setenv("CASSTORE_DIRECT", direct)
     url = origin.add("/wire", DATA)
@@ -162,7 +164,7 @@ def test_a_redirect_to_an_odd_url_is_a_download_error(store, store_dir, origin, 
 
 # -- what httpx does, the direct lane does too (review findings) ----------------------
 
-BOTH = pytest.mark.parametrize("direct", ["1", "0"], ids=["http.client", "httpx"])
+BOTH = pytest.mark.parametrize("direct", ["1", "0"], ids=["direct", "httpx"])
 
 
 @pytest.fixture
@@ -446,3 +448,108 @@ def test_a_proxy_is_seen_as_urllib_sees_it(monkeypatch, env, proxied):
         monkeypatch.setenv(name, value)
     expected = any(urllib.request.getproxies().get(k) for k in ("http", "https", "all"))
     assert direct._proxied() is proxied is expected
+
+
+# -- framing: the direct lane reads an answer's body as httpx does ---------------------
+
+BODY = blob(70_000, seed=25)
+
+
+def _chunked(body: bytes, ext: str = "", trailer: str = "", hexa: str = "%x") -> bytes:
+    """``body`` in chunks of 1, 4093 and 65536 bytes, then the last chunk and ``trailer``."""
+    out, at = [], 0
+    for n in itertools.cycle((1, 4093, 65536)):
+        if at >= len(body):
+            break
+        part, at = body[at : at + n], at + n
+        out.append((hexa % len(part)).encode() + ext.encode() + b"\r\n" + part + b"\r\n")
+    return b"".join(out) + b"0" + ext.encode() + b"\r\n" + trailer.encode() + b"\r\n"
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+FRAMED = {
+    "chunked": CHUNKED + _chunked(BODY),
+    "chunked, extensions, upper-case sizes and a trailer": CHUNKED
+    + _chunked(BODY, ext=";a=b", trailer="X-Sum: 1\r\nX-More: 2\r\n", hexa="%X"),
+    "sized by the close (HTTP/1.0)": (b"HTTP/1.0 200 OK\r\n\r\n" + BODY, Raw.CLOSE),
+    "sized by the close (HTTP/1.1)": (
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + BODY,
+        Raw.CLOSE,
+    ),
+    "sized, a byte at a time": (_answer("200 OK", BODY[:3000]), Raw.DRIP),
+    "chunked, a byte at a time": (CHUNKED + _chunked(BODY[:3000], trailer="X: y\r\n"), Raw.DRIP),
+}
+
+
+@BOTH
+@pytest.mark.parametrize("case", FRAMED)
+def test_bodies_are_framed_as_httpx_frames_them(store_dir, raw, monkeypatch, direct, case):
+    monkeypatch.setenv("CASSTORE_DIRECT", direct)
+    answer = FRAMED[case]
+    body = BODY[:3000] if "a byte at a time" in case else BODY
+    server = raw(lambda head: answer)
+    with Store(store_dir, retries=0) as s:
+        assert s.get(f"{server.base}/f", sha256=sha(body)).read_bytes() == body
+    assert len(server.seen) == 1
+    assert_store_consistent(store_dir)
+
+
+BROKEN = {
+    "a chunk cut short": (CHUNKED + b"ffff\r\n" + BODY[:1000], Raw.CLOSE),
+    "a bad chunk size": CHUNKED + b"zz\r\nab\r\n0\r\n\r\n",
+    "a chunk longer than its size": CHUNKED + b"3\r\nabcd\r\n0\r\n\r\n",
+    "no last chunk": (CHUNKED + b"3\r\nabc\r\n", Raw.CLOSE),
+    "no status line": (b"hello\r\n\r\n", Raw.CLOSE),
+    "a status below 100": (b"HTTP/1.1 99 Low\r\nContent-Length: 0\r\n\r\n", Raw.CLOSE),
+    "a status that is no number": (b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n", Raw.CLOSE),
+    "closed inside the header block": (b"HTTP/1.1 200 OK\r\nContent-Le", Raw.CLOSE),
+}
+# http.client's limit, kept: httpx takes a header block of any size that comes in one piece.
+BROKEN_DIRECT = {
+    "a header line over 64 KiB": (
+        b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\nContent-Length: 0\r\n\r\n",
+        Raw.CLOSE,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "direct"),
+    [(case, lane) for case in BROKEN for lane in ("1", "0")] + [(c, "1") for c in BROKEN_DIRECT],
+)
+def test_broken_framing_is_a_retried_download_error(store_dir, raw, monkeypatch, direct, case):
+    monkeypatch.setenv("CASSTORE_DIRECT", direct)
+    answer = {**BROKEN, **BROKEN_DIRECT}[case]
+    server = raw(lambda head: answer)
+    with Store(store_dir, retries=1) as s, pytest.raises(DownloadError, match="after 2 attempt"):
+        s.get(f"{server.base}/f", sha256=sha(BODY))
+    assert len(server.seen) == 2
+    assert _objects(store_dir) == [] and os.listdir(store_dir / "tmp") == []
+    assert_store_consistent(store_dir)
+
+
+KEPT = {  # an answer, and whether the connection may carry the next
+    "sized": (_answer("200 OK", BODY), True),
+    "chunked": (CHUNKED + _chunked(BODY, trailer="X: y\r\n"), True),
+    "HTTP/1.1, Connection: close": (_answer("200 OK", BODY, "Connection: close"), False),
+    "HTTP/1.0": (_answer("200 OK", BODY).replace(b"HTTP/1.1", b"HTTP/1.0", 1), False),
+    "HTTP/1.0, keep-alive": (
+        _answer("200 OK", BODY, "Connection: Keep-Alive").replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+        True,
+    ),
+    # Received with the body (a small one): left in the reader, not in the socket.
+    "bytes past a small body": (_answer("200 OK", BODY[:100]) + b"HTTP/1.1 200 OK\r\n", False),
+}
+
+
+@pytest.mark.parametrize("case", KEPT)
+def test_a_connection_is_kept_only_when_it_can_carry_the_next_answer(store_dir, raw, case):
+    answer, kept = KEPT[case]
+    body = BODY[:100] if "small" in case else BODY
+    server = raw(lambda head: answer if "/a " in head else _answer("200 OK", OTHER))
+    with Store(store_dir, retries=0) as s:
+        assert s.get(f"{server.base}/a", sha256=sha(body)).read_bytes() == body
+        assert s.get(f"{server.base}/b", sha256=sha(OTHER)).read_bytes() == OTHER
+    (first, _), (second, _) = server.seen
+    assert (first == second) is kept
+    assert_store_consistent(store_dir)

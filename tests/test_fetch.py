@@ -291,7 +291,7 @@ def test_large_body_from_the_socket_leaves_its_connection_unused(
     assert_store_consistent(store_dir)
 
 
-def test_large_body_through_http_client_keeps_its_connection(store, store_dir, origin):
+def test_large_body_through_the_direct_lane_keeps_its_connection(store, store_dir, origin):
     small = origin.add("/small", DATA)
     huge = origin.add("/huge", HUGE)
     chunked = origin.add("/chunked", BIG, chunked=True)  # the origin closes after it
@@ -317,7 +317,7 @@ def test_large_body_trusted_on_first_use_goes_through_httpx(httpx_only, store, s
     assert_store_consistent(store_dir)
 
 
-@pytest.mark.parametrize("direct", ["1", "0"], ids=["http.client", "httpx"])
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["direct", "httpx"])
 def test_large_body_with_a_content_coding_is_stored_as_served(
     store, store_dir, origin, monkeypatch, direct
 ):
@@ -347,7 +347,7 @@ class _Memory:
         self.size = 0
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["http.client", "httpx"])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "httpx"])
 def test_large_body_progress_and_resume_into_any_sink(origin, direct):
     url = origin.add("/progress", HUGE, truncate_at=CUT)
     sink, calls = _Memory(), []
@@ -408,7 +408,7 @@ def test_https_large_body_from_the_tls_socket(tls_origin, tls_cert, monkeypatch)
     assert seen[3].port != seen[2].port  # /whole came from the TLS socket
 
 
-def test_https_through_http_client_is_verified_and_kept_alive(
+def test_https_through_the_direct_lane_is_verified_and_kept_alive(
     store, store_dir, tls_origin, tls_cert, monkeypatch
 ):
     monkeypatch.setenv("SSL_CERT_FILE", tls_cert[0])
