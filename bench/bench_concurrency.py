@@ -13,7 +13,9 @@
    helper), to show what casstore/spread.py gains.  Nothing is deleted until the end (see
    ``create_cost``), and the cost of creating a file is printed before and after.
    Last, 4 processes ``get_many`` the same list at once into one store: each
-   file once from the origin, wall time until all are done.
+   file once from the origin, wall time until all are done.  All of that
+   ``--small-rounds`` times (every other round in reverse order); the ratios
+   are those of each contestant's median.
    ``--origin nginx`` (the default when installed) serves them with
    bench_download.py's nginx from tmpfs; ``--origin python`` with tests/origin.py.
 3. The write path alone for those 1,000 files, per-object durability (fsync
@@ -26,7 +28,7 @@ disk that holds /tmp, since fsync costs are part of what is measured).
 
     .venv/bin/pip install -e '.[test,bench]'
     .venv/bin/python bench/bench_concurrency.py [--size-mib 256] [--files 1000] [--dir DIR]
-        [--only flight|small|fsync] [--origin auto|python|nginx]
+        [--only flight|small|fsync] [--origin auto|python|nginx] [--small-rounds 3]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import multiprocessing as mp
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -215,31 +218,36 @@ def create_cost(directory: Path, n: int = 200) -> float:
     return (time.process_time() - cpu) / n * 1e6
 
 
-def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "python") -> None:
+def bench_small_files(
+    workdir: Path, n: int, file_size: int, origin: str = "python", rounds: int = 3
+) -> None:
     print(f"\n== {n} files of {file_size} B, origin: {origin}, stores in {workdir} ==")
     # Nothing is deleted until the end: on an ext4 without a journal (this VM's
     # disk) every new inode is first checked against the recently deleted ones
     # of its group, so one contestant's clean-up would slow the next one's creates.
     print(f"creating a file here costs {create_cost(workdir / 'probe-0'):.0f} us of CPU")
     spec = {f"/s/{i}.bin": (file_size, 1000 + i) for i in range(n)}
-    results: dict[str, float] = {}
+    # Each contestant's rates over the rounds; reported as medians, since this
+    # machine's speed drifts by tens of percent from one minute to the next.
+    results: dict[str, list[float]] = {}
 
-    def run(label: str, fn) -> None:
+    def run(label: str, fn, workdir: Path) -> None:
+        workdir.mkdir(exist_ok=True)
         serve = static_origin(spec, workdir) if origin == "nginx" else origin_process(spec)
         with serve as (base, digests, stats):
             items = [(f"{base}{p}", digests[p]) for p in spec]
             cpu = _cpu()
-            elapsed = fn(items)
+            elapsed = fn(items, workdir)
             cpu = _cpu() - cpu
             requests, _ = stats()
         assert requests == n, f"{label}: {requests} requests for {n} files"
-        results[label] = n / elapsed
+        results.setdefault(label, []).append(n / elapsed)
         print(
             f"{label:28s} {elapsed:6.2f} s  {n / elapsed:8.0f} files/s"
             f"  {cpu / n * 1e3:6.2f} ms CPU/file (client)"
         )
 
-    def get_many(items, *, fixed: bool = False, processes: int | None = None) -> float:
+    def get_many(items, workdir, *, fixed: bool = False, processes: int | None = None) -> float:
         from casstore import Store
         from casstore.throttle import Throttle
 
@@ -256,7 +264,7 @@ def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "pyth
             Throttle.decide = decide  # type: ignore[method-assign]
         return elapsed
 
-    def cli_fetch(items) -> float:
+    def cli_fetch(items, workdir) -> float:
         listing = workdir / "list.txt"
         listing.write_text("".join(f"{u}#{d}\n" for u, d in items))
         t0 = time.perf_counter()
@@ -268,7 +276,7 @@ def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "pyth
         elapsed = time.perf_counter() - t0
         return elapsed
 
-    def pooch_loop(items) -> float:
+    def pooch_loop(items, workdir) -> float:
         import logging
 
         import pooch
@@ -283,7 +291,7 @@ def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "pyth
         elapsed = time.perf_counter() - t0
         return elapsed
 
-    def pooch_script(items) -> float:
+    def pooch_script(items, workdir) -> float:
         """The same loop as a script run as its own process: what `casstore fetch`,
         a process too, is measured against like for like (interpreter and imports)."""
         listing = workdir / "pooch-items.json"
@@ -302,7 +310,7 @@ def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "pyth
         )
         return time.perf_counter() - t0
 
-    def curl_k(items) -> float:
+    def curl_k(items, workdir) -> float:
         out = workdir / "curl"
         out.mkdir()
         config = workdir / "curl.cfg"
@@ -314,7 +322,7 @@ def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "pyth
         elapsed = time.perf_counter() - t0
         return elapsed
 
-    def overlapping(items) -> float:
+    def overlapping(items, workdir) -> float:
         """4 processes get_many the same list at once (parallel installs sharing a cache)."""
         listing = workdir / "items.json"
         listing.write_text(json.dumps(items))
@@ -343,26 +351,35 @@ def bench_small_files(workdir: Path, n: int, file_size: int, origin: str = "pyth
         assert codes == [0] * 4, codes
         return elapsed
 
-    run("Store.get_many (8 threads)", get_many)
-    run("  the same, 8 fixed workers", lambda items: get_many(items, fixed=True))
-    run("  the same, one process", lambda items: get_many(items, processes=1))
-    run("casstore fetch -j 8", cli_fetch)
-    run("pooch.retrieve loop", pooch_loop)
-    run("  the same as a script", pooch_script)
-    if shutil.which("curl"):
-        run("curl -K (keep-alive)", curl_k)
-    run("4 x get_many, same list", overlapping)
+    contestants = [
+        ("Store.get_many (8 threads)", get_many),
+        ("  the same, 8 fixed workers", lambda items, d: get_many(items, d, fixed=True)),
+        ("  the same, one process", lambda items, d: get_many(items, d, processes=1)),
+        ("casstore fetch -j 8", cli_fetch),
+        ("pooch.retrieve loop", pooch_loop),
+        ("  the same as a script", pooch_script),
+        *([("curl -K (keep-alive)", curl_k)] if shutil.which("curl") else []),
+        ("4 x get_many, same list", overlapping),
+    ]
+    for r in range(rounds):
+        print(f"-- round {r + 1} of {rounds}")
+        # Every other round in reverse order: no contestant always runs first or last.
+        for label, fn in contestants if r % 2 == 0 else contestants[::-1]:
+            run(label, fn, workdir / f"round-{r}")
     print(f"creating a file here costs {create_cost(workdir / 'probe-1'):.0f} us of CPU")
-    pooch_rate = results["pooch.retrieve loop"]
+    rate = {label: statistics.median(rates) for label, rates in results.items()}
+    print(f"-- medians of {rounds} round(s)")
+    for label, _ in contestants:
+        each = " ".join(f"{x:.0f}" for x in results[label])
+        print(f"{label:28s} {rate[label]:8.0f} files/s  ({each})")
+    pooch_rate = rate["pooch.retrieve loop"]
     for label in ("Store.get_many (8 threads)", "casstore fetch -j 8"):
-        print(
-            f"{label} / pooch: {results[label] / pooch_rate:.1f}x (target >= 3x, >= 1500 files/s)"
-        )
+        print(f"{label} / pooch: {rate[label] / pooch_rate:.1f}x (target >= 3x, >= 1500 files/s)")
     # A process against a process: both pay an interpreter and their imports.
-    ratio = results["casstore fetch -j 8"] / results["  the same as a script"]
+    ratio = rate["casstore fetch -j 8"] / rate["  the same as a script"]
     print(f"casstore fetch -j 8 / pooch as a script: {ratio:.1f}x")
-    if "curl -K (keep-alive)" in results:
-        ratio = results["Store.get_many (8 threads)"] / results["curl -K (keep-alive)"]
+    if "curl -K (keep-alive)" in rate:
+        ratio = rate["Store.get_many (8 threads)"] / rate["curl -K (keep-alive)"]
         print(f"get_many / curl -K: {ratio:.2f}x")
 
 
@@ -463,6 +480,9 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--procs", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the flight benchmark")
+    parser.add_argument(
+        "--small-rounds", type=int, default=3, help="rounds of the small-files benchmark"
+    )
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--file-size", type=int, default=4096)
     parser.add_argument("--dir", help="where the stores go (default: a temp dir under /tmp)")
@@ -487,7 +507,7 @@ def main() -> None:
             origin = args.origin
             if origin == "auto":
                 origin = "nginx" if nginx_available() else "python"
-            bench_small_files(workdir, args.files, args.file_size, origin)
+            bench_small_files(workdir, args.files, args.file_size, origin, args.small_rounds)
         if args.only in (None, "fsync"):
             bench_batched_fsync(workdir, args.files, args.file_size)
     finally:

@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -399,16 +399,17 @@ class Pool:
     """Kept-alive connections per origin; safe to share between threads.
 
     ``headers`` go with every request (ours; the caller's come per request).
-    ``tls`` is the ``ssl.SSLContext`` for https.  The proxies are read once,
-    here, as httpx reads them once per client: ``urllib.request.getproxies``,
-    the environment's, or on macOS and Windows the system's.
+    ``tls()`` gives the ``ssl.SSLContext`` for https (asked at the first one).
+    The proxies are read once, here, as httpx reads them once per client:
+    ``urllib.request.getproxies``, the environment's, or on macOS and Windows
+    the system's.
     """
 
     def __init__(
         self,
         *,
         headers: dict[str, str],
-        tls: Any,
+        tls: Callable[[], Any],
         connect_timeout: float,
         max_redirects: int,
         keep_idle: float = KEEP_IDLE,
@@ -568,7 +569,7 @@ class Pool:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as http.client
             if scheme == "https":
-                sock = self.tls.wrap_socket(sock, server_hostname=host)
+                sock = self.tls().wrap_socket(sock, server_hostname=host)
             sock.settimeout(timeout)
         except BaseException:
             sock.close()

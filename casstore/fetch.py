@@ -284,14 +284,16 @@ class Session:
         from .direct import Pool
 
         self.timeout = timeout
-        self.tls = _tls_context()
+        self._tls: ssl.SSLContext | None = None
+        self._tls_lock = threading.Lock()
+        self._lock = threading.Lock()
         if direct is None:
             off = ("0", "false", "no", "off")
             direct = os.environ.get("CASSTORE_DIRECT", "1").strip().lower() not in off
         self.pool = (
             Pool(
                 headers={"Accept": "*/*", "Connection": "keep-alive", **HEADERS},
-                tls=self.tls,
+                tls=lambda: self.tls,
                 connect_timeout=CONNECT_TIMEOUT,
                 max_redirects=MAX_REDIRECTS,
             )
@@ -299,7 +301,15 @@ class Session:
             else None
         )
         self._client: Any = None
-        self._lock = threading.Lock()
+
+    @property
+    def tls(self) -> ssl.SSLContext:
+        """The verifying context for https, made on first need: the ``ssl`` module
+        alone costs a process ~5 ms, which a batch of http:// URLs never needs."""
+        with self._tls_lock:
+            if self._tls is None:
+                self._tls = _tls_context()
+            return self._tls
 
     @property
     def client(self) -> httpx.Client:
