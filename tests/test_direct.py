@@ -123,12 +123,13 @@ def test_what_goes_on_the_wire_is_the_same_either_way(store_dir, origin, monkeyp
 
 
 @pytest.mark.timeout(60)
-def test_a_cold_get_of_a_plain_url_never_imports_httpx(tmp_path, origin):
+def test_a_cold_get_of_a_plain_url_never_imports_httpx_or_ssl(tmp_path, origin):
     url = origin.add("/cold", DATA)
     env = {**os.environ, "CASSTORE_DIR": str(tmp_path / "s")}
-    r = run_probed("casstore.__main__", ("httpx",), "get", url, "--sha256", sha(DATA), env=env)
+    watched = ("httpx", "ssl", "http.client", "email")
+    r = run_probed("casstore.__main__", watched, "get", url, "--sha256", sha(DATA), env=env)
     assert r.returncode == 0, r.stderr
-    assert "IMPORTED httpx" not in r.stderr.decode()
+    assert "IMPORTED" not in r.stderr.decode()
     assert origin.count("/cold") == 1
 
 
@@ -434,11 +435,14 @@ def test_header_fields_are_looked_up_as_http_client_has_them():
         ({"HTTP_PROXY": ""}, False),
         ({"https_proxy": "http://127.0.0.1:9"}, True),
         ({"All_Proxy": "http://127.0.0.1:9"}, True),
+        ({"ftp_proxy": "http://127.0.0.1:9"}, False),
+        ({"HTTP_PROXY": "http://127.0.0.1:9"}, True),
+        ({"HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": ""}, False),
     ],
 )
 def test_a_proxy_is_seen_as_urllib_sees_it(monkeypatch, env, proxied):
     # The pool leaves proxied requests to httpx; it looks at the environment
-    # without importing urllib.request when no *_proxy variable is set.
+    # without importing urllib.request when no http, https or all proxy is set.
     import urllib.request
 
     from casstore import direct
