@@ -10,11 +10,13 @@ the answer read as below cost ~0.05 ms (``bench/bench_concurrency.py
 --only small`` and the README).
 
 An answer is read as ``http.client.HTTPResponse`` reads one (its limits,
-its framing: chunked, sized, or until the server closes), with two
-differences: interim 1xx answers are all skipped (``http.client`` skips
-``100 Continue`` only; httpx skips them all), and a header line that is no
-field is refused, as h11 (httpx's parser) refuses it.  A framing error is a
-``ProtocolError``, which ``fetch.py`` retries as it retries httpx's.
+its framing: chunked, sized, or until the server closes), but refused
+where h11 (httpx's parser) refuses it: a line that is no field, a control
+character in a value, a header block cut short by the close, a transfer
+coding other than chunked, Content-Lengths that disagree.  Interim 1xx
+answers are all skipped, as httpx skips them (``http.client`` skips ``100
+Continue`` only).  A refused answer is a ``ProtocolError``, which
+``fetch.py`` retries as it retries httpx's.
 
 Only requests where httpx would add nothing come here (``Pool.takes``): an
 ``http://`` or ``https://`` URL of plain characters, no credentials (none in
@@ -27,13 +29,12 @@ raises ``Handover`` for httpx to carry on.
 What goes on the wire is what httpx sends: HTTP/1.1, ``Host``, ``Accept``,
 ``Accept-Encoding: identity`` (bytes as stored: nothing is decoded),
 ``Connection: keep-alive``, our ``User-Agent``; TLS through the same
-verifying context; interim 1xx answers skipped.  Connections are pooled per
-origin (at most ``KEEP`` idle ones, for at most ``KEEP_IDLE`` seconds, as
-httpx keeps them), reused only after a body was read to its end, and checked
-before reuse: one the server closed, or that holds unread bytes, is dropped.
-A reused connection that fails before any byte of the answer (the server
-closed it while idle) is retried once on a new one, as httpcore does.  A
-connection holding bytes past the end of its last answer is never reused.
+verifying context.  Connections are pooled per origin (at most ``KEEP``
+idle ones, for at most ``KEEP_IDLE`` seconds, as httpx keeps them), reused
+only after a body was read to its end with nothing received past it, and
+checked before reuse: one the server closed, or with bytes waiting, is
+dropped.  A reused connection that fails before any byte of the answer (the
+server closed it while idle) is retried once on a new one, as httpcore does.
 
 This module knows nothing of sinks, retries or the store: it opens
 responses; ``fetch.py`` decides what to do with them.
@@ -180,19 +181,24 @@ class _Answer:
         self.status = status
         self.reason = reason.strip()
         self.headers = headers = _read_fields(conn)
-        encoding = headers.get("transfer-encoding")
-        self.chunked = bool(encoding) and encoding.lower() == "chunked"
+        # As h11 frames a body: chunked alone or nothing (a body we could not
+        # unwrap, say "gzip, chunked", is refused, never stored as it came), and
+        # one Content-Length (repeats of one value allowed), else refused.
+        codings = [
+            c.strip().lower()
+            for f in headers.get_all("transfer-encoding", [])
+            for c in f.split(",")
+        ]
+        if codings not in ([], ["chunked"]):
+            raise ProtocolError("a transfer coding other than chunked")
+        self.chunked = bool(codings)
         self.will_close = _closes(old, headers)
         self.length: int | None = None  # bytes of the body still to come, when sized
-        length = headers.get("content-length")
-        if length and not self.chunked:
-            try:
-                self.length = int(length)
-            except ValueError:
-                pass
-            else:
-                if self.length < 0:
-                    self.length = None
+        lengths = {v.strip() for f in headers.get_all("content-length", []) for v in f.split(",")}
+        if lengths and not self.chunked:
+            if len(lengths) > 1 or not _DIGITS.fullmatch(next(iter(lengths))):
+                raise ProtocolError("a bad or conflicting Content-Length")
+            self.length = int(lengths.pop())
         if status in (204, 304) or status < 200:
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
@@ -201,7 +207,8 @@ class _Answer:
         self._chunk_left: int | None = None  # of the current chunk; None: a size line is due
 
     def readinto(self, b: memoryview) -> int:
-        """Read into ``b``; 0 at the body's end (or at EOF before it: a short body)."""
+        """Read into ``b``; 0 at the body's end, or at a close that cuts a sized
+        body short (``fetch.py`` then resumes); a close inside a chunk raises."""
         if self.complete or not len(b):
             return 0
         if self.chunked:
@@ -252,8 +259,8 @@ class _Answer:
         if left:
             return left
         conn = self._conn
-        if left == 0 and len(conn.readline(_MAX_LINE + 1)) != 2:  # a chunk's CRLF
-            raise ProtocolError("a chunk longer than its size")
+        if left == 0 and conn.readline(3) != b"\r\n":
+            raise ProtocolError("a chunk not ended by CRLF where its size says")
         line = conn.readline(_MAX_LINE + 1)
         if len(line) > _MAX_LINE:
             raise ProtocolError("chunk size line too long")
@@ -264,14 +271,7 @@ class _Answer:
         if left < 0:
             raise ProtocolError("a bad chunk size" if line else "the connection closed in the body")
         if not left:
-            for _ in range(_MAX_FIELDS + 1):  # the trailer: dropped
-                line = conn.readline(_MAX_LINE + 1)
-                if line in (b"\r\n", b"\n", b""):
-                    break
-                if len(line) > _MAX_LINE:
-                    raise ProtocolError("trailer line too long")
-            else:
-                raise ProtocolError(f"got more than {_MAX_FIELDS} trailer fields")
+            _read_fields(conn)  # the trailer: checked as a header block, dropped
             self.complete = True
         self._chunk_left = left
         return left
@@ -285,13 +285,11 @@ def _read_status(conn: _Conn) -> tuple[str, int, str]:
     if not line:
         raise ConnectionResetError("the server closed the connection without an answer")
     version, status, reason = [*line.split(None, 2), "", ""][:3]
-    if not version.startswith("HTTP/"):
+    # Cut short by the close, or a code that is not three digits (as h11 has it).
+    if not line.endswith("\n") or not version.startswith("HTTP/") or not _STATUS.fullmatch(status):
         raise BadStatusLine(line)
-    try:
-        code = int(status)
-    except ValueError:
-        raise BadStatusLine(line) from None
-    if not 100 <= code <= 999:
+    code = int(status)
+    if code < 100:
         raise BadStatusLine(line)
     return version, code, reason
 
@@ -340,33 +338,47 @@ class Fields:
 _MAX_LINE = 65536  # http.client's limits
 _MAX_FIELDS = 100
 _OWS = " \t\r\n"
+# What h11 takes: a field name is a token; a value has no control character
+# but tab (a bare CR kept in an ETag would go back out in an If-Range).
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]+")
+_STATUS = re.compile(r"[0-9]{3}")
 
 
-def _read_fields(fp: _Conn) -> Fields:
+def _read_fields(conn: _Conn) -> Fields:
     """The header block up to its empty line, decoded as ISO-8859-1 as
     ``http.client`` does.  A folded line continues the field before it, joined
-    by a space (as h11, httpx's parser); a line that is no field is refused,
-    as h11 refuses it, where the ``email`` package would end the block there."""
+    by a space (as h11, httpx's parser); a line that is no field, or a block
+    cut short by the close, is refused, as h11 refuses it (the ``email``
+    package would end the block there, and an answer cut after its status
+    line would pass for one with no body)."""
     fields: list[tuple[str, str]] = []
     lines = 0
     while True:
-        line = fp.readline(_MAX_LINE + 1)
+        line = conn.readline(_MAX_LINE + 1)
         if len(line) > _MAX_LINE:
             raise ProtocolError("header line too long")
-        if line in (b"\r\n", b"\n", b""):
+        if line in (b"\r\n", b"\n"):
             return Fields(fields)
+        if not line.endswith(b"\n"):
+            raise ProtocolError("the connection closed inside the header block")
         lines += 1
         if lines > _MAX_FIELDS:
             raise ProtocolError(f"got more than {_MAX_FIELDS} headers")
         text = line.decode("iso-8859-1")
         if text[0] in " \t" and fields:
             name, value = fields[-1]
-            fields[-1] = (name, f"{value} {text.strip(_OWS)}".strip(_OWS))
+            more = text.strip(_OWS)
+            if _CTL.search(more):
+                raise ProtocolError("a malformed header line")
+            fields[-1] = (name, f"{value} {more}".strip(_OWS))
             continue
         name, colon, value = text.partition(":")
-        if not colon or not name or " " in name or "\t" in name:
+        value = value.strip(_OWS)
+        if not colon or not _TOKEN.fullmatch(name) or _CTL.search(value):
             raise ProtocolError("a malformed header line")
-        fields.append((name, value.strip(_OWS)))
+        fields.append((name, value))
 
 
 def _connect(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
@@ -564,7 +576,8 @@ class Pool:
                 break
             # Unused too long: a NAT or firewall may have dropped it without a word.
             if time.monotonic() - since < self.keep_idle and _is_quiet(conn.sock):
-                conn.sock.settimeout(timeout)
+                if conn.sock.gettimeout() != timeout:  # (a syscall each time: only if changed)
+                    conn.sock.settimeout(timeout)
                 return conn, True
             conn.close()  # expired, closed by the server, or unread bytes: never reused
         scheme, host, port = key

@@ -1007,12 +1007,11 @@ def _download_file(url: str, sink: Sink, progress: ProgressHook | None = None) -
 
 
 def _content_length(headers: Any) -> int | None:
-    # A negative or garbled Content-Length means unknown (pip download.py does the same).
-    try:
-        value = int(headers.get("content-length", ""))
-    except ValueError:
-        return None
-    return value if value >= 0 else None
+    # Repeats of one value ("5, 5", which h11 takes) are that value; a negative,
+    # garbled or conflicting one means unknown (pip download.py does the same).
+    values = {v.strip() for v in headers.get("content-length", "").split(",")}
+    value = values.pop() if len(values) == 1 else ""
+    return int(value) if value.isdigit() and value.isascii() else None
 
 
 def _content_range(value: str | None) -> tuple[int | None, int | None]:

@@ -482,6 +482,9 @@ FRAMED = {
     ),
     "sized, a byte at a time": (_answer("200 OK", BODY[:3000]), Raw.DRIP),
     "chunked, a byte at a time": (CHUNKED + _chunked(BODY[:3000], trailer="X: y\r\n"), Raw.DRIP),
+    "sized, the length given twice": _answer("200 OK", BODY).replace(
+        b"Content-Length: 70000", b"Content-Length: 70000, 70000"
+    ),
 }
 
 
@@ -507,6 +510,26 @@ BROKEN = {
     "a status below 100": (b"HTTP/1.1 99 Low\r\nContent-Length: 0\r\n\r\n", Raw.CLOSE),
     "a status that is no number": (b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n", Raw.CLOSE),
     "closed inside the header block": (b"HTTP/1.1 200 OK\r\nContent-Le", Raw.CLOSE),
+    # Cut after a whole line: no body must not pass for an empty one.
+    "closed after a header line": (b"HTTP/1.1 200 OK\r\nServer: x\r\n", Raw.CLOSE),
+    "closed after the status line": (b"HTTP/1.1 200 OK\r\n", Raw.CLOSE),
+    "closed inside the status line": (b"HTTP/1.1 200 OK", Raw.CLOSE),
+    "closed in the trailer": (CHUNKED + b"3\r\nabc\r\n0\r\n", Raw.CLOSE),
+    "a status of four digits": (b"HTTP/1.1 0200 OK\r\nContent-Length: 0\r\n\r\n", Raw.CLOSE),
+    # A body that could only be stored as it came, framing and all.
+    "a transfer coding before chunked": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        Raw.CLOSE,
+    ),
+    "conflicting Content-Lengths": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 3\r\n\r\nhello",
+        Raw.CLOSE,
+    ),
+    # Kept, a bare CR in an ETag would go back out in an If-Range: a header injected.
+    "a bare CR in a field value": (
+        b'HTTP/1.1 200 OK\r\nETag: "v1"\rX-Injected: yes\r\nContent-Length: 5\r\n\r\nhello',
+        Raw.CLOSE,
+    ),
 }
 # http.client's limit, kept: httpx takes a header block of any size that comes in one piece.
 BROKEN_DIRECT = {
@@ -525,8 +548,9 @@ def test_broken_framing_is_a_retried_download_error(store_dir, raw, monkeypatch,
     monkeypatch.setenv("CASSTORE_DIRECT", direct)
     answer = {**BROKEN, **BROKEN_DIRECT}[case]
     server = raw(lambda head: answer)
+    # Trusted on first use: whatever the client took for an answer would be stored.
     with Store(store_dir, retries=1) as s, pytest.raises(DownloadError, match="after 2 attempt"):
-        s.get(f"{server.base}/f", sha256=sha(BODY))
+        s.get(f"{server.base}/f")
     assert len(server.seen) == 2
     assert _objects(store_dir) == [] and os.listdir(store_dir / "tmp") == []
     assert_store_consistent(store_dir)
