@@ -269,10 +269,26 @@ def quarantine(layout: Layout, obj: Path) -> Path | None:
 
 
 def _make_object_dir(directory: Path) -> None:
-    """Create ``sha256/ab/cd/`` (and ``sha256/``, should it be gone), each level
-    this call makes fsynced into its parent: an object is durable only once
-    every directory on its path is."""
-    for level in (directory.parent.parent, directory.parent, directory):
+    """Create ``sha256/ab/cd/`` (and ``sha256/ab/`` and ``sha256/``, should they
+    be missing), each level this call makes fsynced into its parent: an object
+    is durable only once every directory on its path is.  The deepest level is
+    tried first: its parents are there for all but a store's first objects,
+    and each refused mkdir of one already there cost a syscall per object."""
+    levels = [directory]  # ab/cd, then ab and sha256 should they be missing
+    while True:
+        try:
+            os.mkdir(levels[-1])
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            if len(levels) == 3:
+                raise  # no sha256/ can be made: the store itself is gone
+            levels.append(levels[-1].parent)
+            continue
+        else:
+            fsync_dir(levels[-1].parent)
+        break
+    for level in reversed(levels[:-1]):  # then down again
         try:
             os.mkdir(level)
         except FileExistsError:

@@ -210,7 +210,7 @@ class Store:
                 published, _ = self._download(req, committer)  # recorded by the committer
                 sha = published.sha256
                 _warn_trusted(req, sha)
-            return self._deliver(sha, req, mode)
+            return self._deliver(sha, req, mode, published.size)
 
     def _leave_note(self, sha: str, indexed: float, source: str) -> None:
         """Tell the command line's waiters on this lock (hit.py) what was just
@@ -252,10 +252,13 @@ class Store:
         except FileNotFoundError:  # gc evicted it meanwhile
             return self._ensure_retrying(req, mode, committer)
 
-    def _deliver(self, sha: str, req: Request, mode: LinkMode) -> Artifact:
-        """The Artifact for an object in the store, materialized at ``req.dest`` if given."""
+    def _deliver(self, sha: str, req: Request, mode: LinkMode, size: int | None = None) -> Artifact:
+        """The Artifact for an object in the store, materialized at ``req.dest`` if
+        given.  ``size`` None: the object's own (FileNotFoundError if it is gone);
+        a download just published, under its lock, passes its own."""
         path = self.layout.object_path(sha)
-        size = path.stat().st_size
+        if size is None:
+            size = path.stat().st_size
         if req.dest is None:
             return Artifact(sha256=sha, size=size, path=path)
         linked = self._link(sha, Path(req.dest), mode, force=False)
