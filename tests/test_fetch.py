@@ -121,9 +121,10 @@ def test_read_timeout_is_retried_and_resumed(store_dir, origin, data, cut):
         assert s.get(route_url, sha256=sha(data)).read_bytes() == data
     seen = origin.requests("/stall")
     assert len(seen) == 2
-    # A large body's last read before the timeout may be lost (direct.Response.readinto).
+    # Nothing received before the timeout is lost: each read returns what one
+    # receive brought (direct.Response), so the resume starts where the bytes stopped.
     start = int(seen[1].headers["range"].removeprefix("bytes=").rstrip("-"))
-    assert cut - (1 << 20) <= start <= cut if data is HUGE else start == cut
+    assert start == cut
     assert_store_consistent(store_dir)
 
 
