@@ -16,13 +16,16 @@ _ERRORS = (
     "AmbiguousRef", "BatchError", "CasError", "CorruptObject", "DownloadError", "HashMismatch",
     "IntegrityFailure", "InvalidInput", "LockTimeout", "NotFound", "SizeMismatch",
 )  # fmt: skip
-_MODELS = (
-    "Artifact", "GcReport", "LinkMode", "LinkResult", "ObjectInfo", "Published", "Request",
-    "Stats", "VerifyReport",
-)  # fmt: skip
+_MODELS = ("Artifact", "LinkMode", "LinkResult", "Published", "Request")
+_REPORTS = ("GcReport", "ObjectInfo", "Stats", "VerifyReport")
 # Loaded on first use (PEP 562), so that `import casstore.hit` for a
 # command-line cache hit does not pay for the whole API.
-_LAZY = {**dict.fromkeys(_ERRORS, "errors"), **dict.fromkeys(_MODELS, "models"), "Store": "store"}
+_LAZY = {
+    **dict.fromkeys(_ERRORS, "errors"),
+    **dict.fromkeys(_MODELS, "models"),
+    **dict.fromkeys(_REPORTS, "reports"),
+    "Store": "store",
+}
 
 __all__ = [
     "AmbiguousRef", "Artifact", "BatchError", "CasError", "CorruptObject", "DownloadError",
@@ -46,17 +49,8 @@ if TYPE_CHECKING:
         NotFound,
         SizeMismatch,
     )  # fmt: skip
-    from .models import (
-        Artifact,
-        GcReport,
-        LinkMode,
-        LinkResult,
-        ObjectInfo,
-        Published,
-        Request,
-        Stats,
-        VerifyReport,
-    )  # fmt: skip
+    from .models import Artifact, LinkMode, LinkResult, Published, Request
+    from .reports import GcReport, ObjectInfo, Stats, VerifyReport
     from .store import Store
 
 

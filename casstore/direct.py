@@ -58,6 +58,8 @@ from urllib.parse import urljoin, urlsplit
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 KEEP = 20
 KEEP_IDLE = 5.0  # seconds a connection stays kept unused, as httpx's keepalive_expiry
+NETRC_FRESH = 1.0  # seconds a look at ~/.netrc holds
+_NO_NETRC = object()
 DRAIN_MAX = 64 << 10  # a redirect's body bigger than this costs its connection
 # RFC 3986's characters: anything else httpx would percent-encode first, so it goes there.
 # (ASCII only: with re.I alone, U+017F, the long s, matches "s", letting a
@@ -439,7 +441,8 @@ class Pool:
         self._idle: dict[tuple[str, str, int | None], list[tuple[_Conn, float]]] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self._netrc: tuple[Any, Any] | None = None  # (stat key, parsed or None)
+        # (stat key or None, parsed, None if unparsable or _NO_NETRC, when looked at)
+        self._netrc: tuple[Any, Any, float] | None = None
         # By URL, its host if its shape suits this pool, else None: a batch asks
         # for each of its URLs twice (its helper's share, then the download).
         self._hosts: dict[str, str | None] = {}
@@ -603,25 +606,34 @@ class Pool:
     def _has_netrc_entry(self, host: str) -> bool:
         """Whether ``~/.netrc`` (or ``$NETRC``) has credentials httpx would send to ``host``.
 
-        The file is parsed again only when it changes; one that cannot be
-        parsed counts as having an entry (httpx then warns and goes on).
+        The file is looked at again once ``NETRC_FRESH`` seconds have passed
+        (an environment read, a path expanded and a stat cost each small file
+        of a batch ~4 us), and parsed again only when it changed; one that
+        cannot be parsed counts as having an entry (httpx then warns and goes on).
         """
-        path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
-        try:
-            st = os.stat(path)
-        except OSError:
-            return False
-        stamp = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+        now = time.monotonic()
         cached = self._netrc
-        if cached is None or cached[0] != stamp:
-            import netrc
-
+        if cached is None or now - cached[2] >= NETRC_FRESH:
+            path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
             try:
-                parsed: Any = netrc.netrc(path)
-            except (netrc.NetrcParseError, OSError, UnicodeError):
-                parsed = None
-            self._netrc = cached = (stamp, parsed)
-        return cached[1] is None or cached[1].authenticators(host) is not None
+                st = os.stat(path)
+            except OSError:
+                stamp = None
+            else:
+                stamp = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+            parsed: Any = cached[1] if cached is not None and cached[0] == stamp else _NO_NETRC
+            if stamp is not None and parsed is _NO_NETRC:
+                import netrc
+
+                try:
+                    parsed = netrc.netrc(path)
+                except (netrc.NetrcParseError, OSError, UnicodeError):
+                    parsed = None
+            self._netrc = cached = (stamp, parsed, now)
+        parsed = cached[1]
+        if parsed is _NO_NETRC:
+            return False
+        return parsed is None or parsed.authenticators(host) is not None
 
 
 class Response:

@@ -40,7 +40,7 @@ from .ingest import HOST, parse_temp_name, temp_name
 from .layout import Layout
 from .link import is_live
 from .locks import try_hold
-from .models import GcReport
+from .reports import GcReport
 
 DEFAULT_TEMP_GRACE = 86400.0  # a temp untouched for a day is abandoned, whoever wrote it
 # An object without an index row may be one whose writer has published it and

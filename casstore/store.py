@@ -38,22 +38,13 @@ from .hit import BAD, HIT, holder_note, lookup
 from .index import Index
 from .layout import Layout, default_root
 from .link import first_copy_warning, is_live, materialize, parse_mode
-from .models import (
-    Artifact,
-    GcReport,
-    LinkMode,
-    LinkResult,
-    ObjectInfo,
-    Published,
-    Request,
-    Stats,
-    VerifyReport,
-)
+from .models import Artifact, LinkMode, LinkResult, Published, Request
 from .refs import is_short_prefix, parse_ref, resolve, too_short
 from .urls import check_url, redact
 
 if TYPE_CHECKING:
     from .batch import GroupCommit
+    from .reports import GcReport, ObjectInfo, Stats, VerifyReport
     from .spread import Fetched, Share
 
 log = logging.getLogger("casstore")
@@ -951,6 +942,8 @@ class Store:
         return [self._object_info(r["sha256"], r) for r in rows]
 
     def _object_info(self, sha: str, row: dict) -> ObjectInfo:
+        from .reports import ObjectInfo
+
         return ObjectInfo(
             sha256=sha,
             size=row.get("size", 0),
@@ -967,6 +960,8 @@ class Store:
 
     def stats(self) -> Stats:
         """Totals; objects and bytes are counted on disk (the truth), the rest in the index."""
+        from .reports import Stats
+
         if not self._exists():
             return Stats(
                 objects=0,

@@ -31,7 +31,7 @@ from .index import Index
 from .ingest import quarantine
 from .layout import OBJECT_MODE, Layout
 from .link import is_live
-from .models import VerifyReport
+from .reports import VerifyReport
 
 # Objects at least this big are hashed by blake3's own threads (mmap); smaller
 # ones go one per pool worker, where thread start-up would cost more than it saves.

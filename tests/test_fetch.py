@@ -524,6 +524,23 @@ def test_basic_auth_from_netrc(store, store_dir, origin, tmp_path):
     assert_store_consistent(store_dir)
 
 
+def test_a_netrc_written_during_a_batch_is_used_once_looked_at_again(
+    store, store_dir, origin, tmp_path, monkeypatch
+):
+    from casstore import direct
+
+    first = origin.add("/open", DATA)
+    other = blob(1000, seed=7)
+    locked = origin.add("/later", other, auth=("bob", "pw"))
+    assert store.get(first, sha256=sha(DATA)).read_bytes() == DATA  # no ~/.netrc yet
+    netrc = tmp_path / "home" / ".netrc"
+    netrc.parent.mkdir(exist_ok=True)
+    netrc.write_text("machine 127.0.0.1 login bob password pw\n")
+    monkeypatch.setattr(direct, "NETRC_FRESH", 0.0)  # (else within a second)
+    assert store.get(locked, sha256=sha(other)).read_bytes() == other
+    assert [r.status for r in origin.requests("/later")] == [200]
+
+
 def test_header_option_is_sent_but_never_stored(run_cli, store_dir, origin):
     url = origin.add("/token", DATA, require_headers={"X-Token": "tok-123456"})
     r = run_cli("get", url, "--header", "X-Token: tok-123456", "--header", "X-Other: 1")
