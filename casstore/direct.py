@@ -542,12 +542,10 @@ class Pool:
         _close_all(idle)  # closes the child's descriptors only: no shutdown
 
     def _exchange(self, url: str, headers: dict[str, str], timeout: float) -> Response:
-        parts = urlsplit(url)
-        key = _origin(url)
+        key, path, query, _ = _split(url)
         asked = {name.lower() for name in headers}
         # As http.client writes it: the request line, Host, ours, the caller's.
-        query = f"?{parts.query}" if parts.query else ""
-        lines = [f"GET {parts.path or '/'}{query} HTTP/1.1"]
+        lines = [f"GET {path or '/'}{'?' if query else ''}{query} HTTP/1.1"]
         if "host" not in asked:
             lines.append(f"Host: {_host_field(key)}")
         lines += [f"{n}: {v}" for n, v in self.headers.items() if n.lower() not in asked]
@@ -716,6 +714,30 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return scheme, parts.hostname or "", port
 
 
+# The common shape of a URL: a scheme, a host name, a port maybe, then the rest.
+_SIMPLE_URL = re.compile(
+    r"(https?)://([A-Za-z0-9.\-]+)(?::([0-9]{1,5}))?([/?#].*)?", re.A | re.I | re.S
+)
+
+
+def _split(url: str) -> tuple[tuple[str, str, int | None], str, str, bool]:
+    """(``_origin(url)``, path, query, whether it holds credentials), as
+    ``urlsplit`` takes ``url`` apart.  A URL of the common shape is taken apart
+    by one regex (~1 us; ``urlsplit`` and its attributes cost ~5, and a batch
+    asks for each of its URLs before it starts); any other by ``urlsplit``.
+    Raises ValueError where ``urlsplit`` does (a bad port)."""
+    m = _SIMPLE_URL.fullmatch(url)
+    if m is not None and (m[3] is None or int(m[3]) < 65536):
+        scheme, host, port, rest = m.groups()
+        path, _, query = (rest or "").partition("#")[0].partition("?")
+        scheme = scheme.lower()
+        return (scheme, host.lower(), int(port or 0) or _PORTS[scheme]), path, query, False
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    key = (scheme, parts.hostname or "", parts.port or _PORTS.get(scheme))
+    return key, parts.path, parts.query, parts.username is not None
+
+
 def _host_field(key: tuple[str, str, int | None]) -> str:
     """The Host field http.client writes for an origin: the port only when not the default."""
     scheme, host, port = key
@@ -770,12 +792,11 @@ def _plain_host(url: str) -> str | None:
     if not _PLAIN_URL.fullmatch(url):
         return None
     try:
-        parts = urlsplit(url)
-        host, _ = parts.hostname, parts.port
+        (_, host, _), path, query, credentials = _split(url)
     except ValueError:  # a bad port or IPv6 literal: httpx says what is wrong
         return None
-    if _DOT_SEGMENT.search(parts.path) or (not parts.query and "?" in url):
+    if _DOT_SEGMENT.search(path) or (not query and "?" in url):
         return None
-    if not host or parts.username is not None:
+    if not host or credentials:
         return None
     return host

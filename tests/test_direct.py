@@ -427,6 +427,38 @@ def test_header_fields_are_looked_up_as_http_client_has_them():
     assert "Etag" in fields and "location" not in fields
 
 
+def test_urls_are_taken_apart_as_urlsplit_takes_them():
+    # direct._split takes the common shape apart with a regex: it must agree with
+    # urlsplit (its reference, and its fallback) on every URL, common or not.
+    from itertools import product
+    from urllib.parse import urlsplit
+
+    from casstore import direct
+
+    def reference(url: str) -> object:
+        try:
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
+            key = (scheme, parts.hostname or "", parts.port or direct._PORTS[scheme])
+        except ValueError:
+            return ValueError
+        return key, parts.path, parts.query, parts.username is not None
+
+    def split(url: str) -> object:
+        try:
+            return direct._split(url)
+        except ValueError:
+            return ValueError
+
+    schemes = ["http", "HTTPS", "hTTp"]
+    hosts = ["h", "Example.ORG", "a-b.c", "127.0.0.1", "[::1]", "u:p@h", "@h", "h.", "H_x"]
+    ports = ["", ":", ":0", ":80", ":443", ":8080", ":65535", ":65536", ":99999", ":08", ":x"]
+    rests = ["", "/", "/a/b", "/a?b=1", "/a?", "?q", "#f", "/p#f?x", "/p?q#f", "/%41", "//x"]
+    for parts in product(schemes, hosts, ports, rests):
+        url = "{}://{}{}{}".format(*parts)
+        assert split(url) == reference(url), url
+
+
 @pytest.mark.parametrize(
     ("env", "proxied"),
     [
