@@ -170,16 +170,10 @@ class _Answer:
     def __init__(self, conn: _Conn) -> None:
         self._conn = conn
         while True:
-            version, status, reason = _read_status(conn)
+            old, status, reason = _read_status(conn)
             if not 100 <= status < 200 or status == 101:
                 break
             _read_fields(conn)  # an interim answer's headers: dropped
-        if version in ("HTTP/1.0", "HTTP/0.9"):
-            old = True
-        elif version.startswith("HTTP/1."):
-            old = False
-        else:
-            raise ProtocolError(f"unknown protocol {version[:20]!r}")
         self.status = status
         self.reason = reason.strip()
         self.headers = headers = _read_fields(conn)
@@ -266,12 +260,10 @@ class _Answer:
         line = conn.readline(_MAX_LINE + 1)
         if len(line) > _MAX_LINE:
             raise ProtocolError("chunk size line too long")
-        try:
-            left = int(line.split(b";", 1)[0], 16)
-        except ValueError:
-            left = -1
-        if left < 0:
+        m = _CHUNK_SIZE.fullmatch(line)  # (int() alone takes "-0", "+5", "0x5", "1_0")
+        if m is None:
             raise ProtocolError("a bad chunk size" if line else "the connection closed in the body")
+        left = int(m[1], 16)
         if not left:
             _read_fields(conn)  # the trailer: checked as a header block, dropped
             self.complete = True
@@ -279,21 +271,21 @@ class _Answer:
         return left
 
 
-def _read_status(conn: _Conn) -> tuple[str, int, str]:
-    """(version, status, reason) from a status line, as ``http.client`` reads it."""
+def _read_status(conn: _Conn) -> tuple[bool, int, str]:
+    """(whether HTTP/1.0 or older, status, reason) from a status line, as h11
+    takes one: one space between its parts, three digits, the whole line."""
     line = str(conn.readline(_MAX_LINE + 1), "iso-8859-1")
     if len(line) > _MAX_LINE:
         raise ProtocolError("status line too long")
     if not line:
         raise ConnectionResetError("the server closed the connection without an answer")
-    version, status, reason = [*line.split(None, 2), "", ""][:3]
-    # Cut short by the close, or a code that is not three digits (as h11 has it).
-    if not line.endswith("\n") or not version.startswith("HTTP/") or not _STATUS.fullmatch(status):
+    m = _STATUS_LINE.fullmatch(line)
+    if m is None or int(m[3]) < 100:
         raise BadStatusLine(line)
-    code = int(status)
-    if code < 100:
-        raise BadStatusLine(line)
-    return version, code, reason
+    version = (int(m[1]), int(m[2]))
+    if version[0] != 1 and version != (0, 9):
+        raise ProtocolError(f"unknown protocol HTTP/{m[1]}.{m[2]}")
+    return version <= (1, 0), int(m[3]), m[4] or ""
 
 
 def _closes(old: bool, headers: Fields) -> bool:
@@ -345,7 +337,8 @@ _OWS = " \t\r\n"
 _TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]+")
-_STATUS = re.compile(r"[0-9]{3}")
+_STATUS_LINE = re.compile(r"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([^\r\n]*))?\r?\n")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n]*)?\r?\n")
 
 
 def _read_fields(conn: _Conn) -> Fields:
@@ -468,7 +461,7 @@ class Pool:
             host = self._hosts[url] = _plain_host(url)
         if host is None:
             return False
-        if host not in netrc:  # (asked each time: the file may change meanwhile)
+        if host not in netrc:  # (looked at again each NETRC_FRESH: it may change)
             netrc[host] = self._has_netrc_entry(host)
         return not netrc[host]
 
@@ -716,7 +709,7 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 # The common shape of a URL: a scheme, a host name, a port maybe, then the rest.
 _SIMPLE_URL = re.compile(
-    r"(https?)://([A-Za-z0-9.\-]+)(?::([0-9]{1,5}))?([/?#].*)?", re.A | re.I | re.S
+    r"(https?)://([A-Za-z0-9.\-]+)(?::([0-9]{1,5}))?([/?#][^\x00-\x20\x7f]*)?", re.A | re.I
 )
 
 

@@ -284,8 +284,7 @@ class Session:
         from .direct import Pool
 
         self.timeout = timeout
-        self._tls: ssl.SSLContext | None = None
-        self._tls_lock = threading.Lock()
+        self._tls = _LazyTLS()
         self._lock = threading.Lock()
         if direct is None:
             off = ("0", "false", "no", "off")
@@ -293,7 +292,7 @@ class Session:
         self.pool = (
             Pool(
                 headers={"Accept": "*/*", "Connection": "keep-alive", **HEADERS},
-                tls=lambda: self.tls,
+                tls=self._tls,
                 connect_timeout=CONNECT_TIMEOUT,
                 max_redirects=MAX_REDIRECTS,
             )
@@ -304,12 +303,7 @@ class Session:
 
     @property
     def tls(self) -> ssl.SSLContext:
-        """The verifying context for https, made on first need: the ``ssl`` module
-        alone costs a process ~5 ms, which a batch of http:// URLs never needs."""
-        with self._tls_lock:
-            if self._tls is None:
-                self._tls = _tls_context()
-            return self._tls
+        return self._tls()
 
     @property
     def client(self) -> httpx.Client:
@@ -331,6 +325,25 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _LazyTLS:
+    """The verifying context for https, made on first need: the ``ssl`` module
+    alone costs a process ~5 ms, which a batch of http:// URLs never needs.
+    No lock: two threads at once make two contexts, either of which will do
+    (and a lock held across the fork of a helper would stay held in it).  Its
+    own object, not a closure over the Session: the pool keeps it, and a cycle
+    would keep an unclosed Session's sockets open until the GC runs."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self) -> None:
+        self._context: ssl.SSLContext | None = None
+
+    def __call__(self) -> ssl.SSLContext:
+        if self._context is None:
+            self._context = _tls_context()
+        return self._context
 
 
 def _tls_context() -> ssl.SSLContext:

@@ -270,10 +270,10 @@ def quarantine(layout: Layout, obj: Path) -> Path | None:
 
 def _make_object_dir(directory: Path) -> None:
     """Create ``sha256/ab/cd/`` (and ``sha256/ab/`` and ``sha256/``, should they
-    be missing), each level this call makes fsynced into its parent: an object
-    is durable only once every directory on its path is.  The deepest level is
-    tried first: its parents are there for all but a store's first objects,
-    and each refused mkdir of one already there cost a syscall per object."""
+    be missing), each level fsynced into its parent: an object is durable only
+    once every directory on its path is.  The deepest level is tried first:
+    its parents are there for all but a store's first objects, and each
+    refused mkdir of one already there cost a syscall per object."""
     levels = [directory]  # ab/cd, then ab and sha256 should they be missing
     while True:
         try:
@@ -285,14 +285,16 @@ def _make_object_dir(directory: Path) -> None:
                 raise  # no sha256/ can be made: the store itself is gone
             levels.append(levels[-1].parent)
             continue
-        else:
-            fsync_dir(levels[-1].parent)
         break
     for level in reversed(levels[:-1]):  # then down again
         try:
             os.mkdir(level)
         except FileExistsError:
-            continue
+            pass
+    # Synced whoever made them: a level found made was missing a moment ago
+    # (the link that brought us here said so), so its maker, another writer,
+    # may not have synced it yet, and our object must not be indexed first.
+    for level in levels:
         fsync_dir(level.parent)
 
 

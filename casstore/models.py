@@ -10,6 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def __getattr__(name: str) -> object:
+    # The report classes lived here: old imports and old pickles still find them.
+    if name in ("GcReport", "ObjectInfo", "Stats", "VerifyReport"):
+        from . import reports
+
+        return getattr(reports, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class LinkMode(enum.StrEnum):
     """How an object is materialized at a destination."""
 

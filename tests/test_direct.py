@@ -427,6 +427,30 @@ def test_header_fields_are_looked_up_as_http_client_has_them():
     assert "Etag" in fields and "location" not in fields
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_session_dropped_unclosed_lets_go_of_its_connections_at_once(origin):
+    # Freed by reference counting, not left to the GC: no cycle through its pool.
+    # (Its kept socket goes with it, with Python's "unclosed socket" warning.)
+    import gc
+    import weakref
+
+    from casstore.fetch import Session
+
+    url = origin.add("/s", DATA)
+    gc.disable()
+    try:
+        session = Session()
+        with session.pool.get(url, {}, 10) as r:
+            while r.read1(1 << 16):
+                pass
+        assert session.pool._idle  # a connection kept
+        gone = weakref.ref(session)
+        del session, r
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 def test_urls_are_taken_apart_as_urlsplit_takes_them():
     # direct._split takes the common shape apart with a regex: it must agree with
     # urlsplit (its reference, and its fallback) on every URL, common or not.
@@ -454,6 +478,7 @@ def test_urls_are_taken_apart_as_urlsplit_takes_them():
     hosts = ["h", "Example.ORG", "a-b.c", "127.0.0.1", "[::1]", "u:p@h", "@h", "h.", "H_x"]
     ports = ["", ":", ":0", ":80", ":443", ":8080", ":65535", ":65536", ":99999", ":08", ":x"]
     rests = ["", "/", "/a/b", "/a?b=1", "/a?", "?q", "#f", "/p#f?x", "/p?q#f", "/%41", "//x"]
+    rests += ["/a\nb", "/a\tb", "/a b", "/a\x00"]  # (urlsplit drops tabs and line ends)
     for parts in product(schemes, hosts, ports, rests):
         url = "{}://{}{}{}".format(*parts)
         assert split(url) == reference(url), url
@@ -548,6 +573,16 @@ BROKEN = {
     "closed inside the status line": (b"HTTP/1.1 200 OK", Raw.CLOSE),
     "closed in the trailer": (CHUNKED + b"3\r\nabc\r\n0\r\n", Raw.CLOSE),
     "a status of four digits": (b"HTTP/1.1 0200 OK\r\nContent-Length: 0\r\n\r\n", Raw.CLOSE),
+    "two spaces in the status line": (
+        b"HTTP/1.1  200 OK\r\nContent-Length: 2\r\n\r\nhi",
+        Raw.CLOSE,
+    ),
+    "a version that is no version": (b"HTTP/1.1x 200 OK\r\nContent-Length: 2\r\n\r\nhi", Raw.CLOSE),
+    # int() takes all of these; as a size, "-0" would end the body early, unnoticed.
+    "a chunk size of -0": (CHUNKED + b"5\r\nhello\r\n-0\r\n\r\n5\r\nworld\r\n0\r\n\r\n", Raw.CLOSE),
+    "a chunk size of 0x5": (CHUNKED + b"0x5\r\nhello\r\n0\r\n\r\n", Raw.CLOSE),
+    "a chunk size of +5": (CHUNKED + b"+5\r\nhello\r\n0\r\n\r\n", Raw.CLOSE),
+    "a chunk size after a space": (CHUNKED + b" 5\r\nhello\r\n0\r\n\r\n", Raw.CLOSE),
     # A body that could only be stored as it came, framing and all.
     "a transfer coding before chunked": (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",

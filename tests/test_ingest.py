@@ -136,6 +136,33 @@ def test_publish_direct_links_then_unlinks_temp(store_dir):
     assert created and not temp.exists() and path.read_bytes() == b"abc"
 
 
+@pytest.mark.parametrize("missing", ["cd", "ab", "sha256", "none"])
+def test_each_level_of_an_objects_directory_is_synced_into_its_parent(
+    store_dir, monkeypatch, missing
+):
+    # Called after a link missed the directory; "none": another writer made it
+    # meanwhile and may not have synced it yet, so it is synced here too.
+    import shutil
+
+    from casstore import ingest
+
+    layout = Layout(store_dir)
+    leaf = layout.object_path("abcd" + "0" * 60).parent
+    leaf.mkdir(parents=True)
+    top = {"cd": leaf, "ab": leaf.parent, "sha256": leaf.parent.parent, "none": None}[missing]
+    if top is not None:
+        shutil.rmtree(top)
+    synced = []
+    real = ingest.fsync_dir
+    monkeypatch.setattr(ingest, "fsync_dir", lambda path: (synced.append(path), real(path)))
+    ingest._make_object_dir(leaf)
+    assert leaf.is_dir()
+    made = {"cd": [leaf], "ab": [leaf, leaf.parent], "none": [leaf]}.get(
+        missing, [leaf, leaf.parent, leaf.parent.parent]
+    )
+    assert sorted(synced) == sorted(level.parent for level in made)
+
+
 def test_publish_makes_the_objects_directories_it_needs(store_dir):
     """Made on a publish's first miss, as deep as is missing (here sha256/ itself,
     removed by hand under a layout that had made it)."""
