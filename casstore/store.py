@@ -428,11 +428,9 @@ class Store:
             and (req.name is None or named[req.name] == 1)
         ]
         plain = pool.takes_all(req.url for _, req in firsts)
-        items = [
-            (g, req)
-            for (g, req), ok in zip(firsts, plain, strict=True)
-            if ok and not self.layout.has_object(req.sha256)  # type: ignore[arg-type]
-        ]
+        firsts = [first for first, ok in zip(firsts, plain, strict=True) if ok]
+        there = self.layout.have_objects([req.sha256 for _, req in firsts])  # type: ignore[arg-type]
+        items = [first for first, have in zip(firsts, there, strict=True) if not have]
         if not spread.wanted(len(items), processes):
             return None
         policy = self._policy()
