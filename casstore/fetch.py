@@ -330,20 +330,28 @@ class Session:
 class _LazyTLS:
     """The verifying context for https, made on first need: the ``ssl`` module
     alone costs a process ~5 ms, which a batch of http:// URLs never needs.
-    No lock: two threads at once make two contexts, either of which will do
-    (and a lock held across the fork of a helper would stay held in it).  Its
-    own object, not a closure over the Session: the pool keeps it, and a cycle
-    would keep an unclosed Session's sockets open until the GC runs."""
+    One context however many threads ask at once (each would load the CA
+    bundle, ~30 ms).  Its own object, not a closure over the Session: the pool
+    keeps it, and a cycle would keep an unclosed Session's sockets open until
+    the GC runs.  (A helper is forked only while its batch runs one thread:
+    the lock cannot be held then.)"""
 
-    __slots__ = ("_context",)
+    __slots__ = ("_context", "_lock")
 
     def __init__(self) -> None:
+        import threading
+
         self._context: ssl.SSLContext | None = None
+        self._lock = threading.Lock()
 
     def __call__(self) -> ssl.SSLContext:
-        if self._context is None:
-            self._context = _tls_context()
-        return self._context
+        context = self._context
+        if context is None:
+            with self._lock:
+                if self._context is None:
+                    self._context = _tls_context()
+                context = self._context
+        return context
 
 
 def _tls_context() -> ssl.SSLContext:

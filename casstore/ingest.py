@@ -275,11 +275,12 @@ def _make_object_dir(directory: Path) -> None:
     its parents are there for all but a store's first objects, and each
     refused mkdir of one already there cost a syscall per object."""
     levels = [directory]  # ab/cd, then ab and sha256 should they be missing
+    found = False
     while True:
         try:
             os.mkdir(levels[-1])
         except FileExistsError:
-            pass
+            found = True
         except FileNotFoundError:
             if len(levels) == 3:
                 raise  # no sha256/ can be made: the store itself is gone
@@ -293,7 +294,11 @@ def _make_object_dir(directory: Path) -> None:
             pass
     # Synced whoever made them: a level found made was missing a moment ago
     # (the link that brought us here said so), so its maker, another writer,
-    # may not have synced it yet, and our object must not be indexed first.
+    # may not have synced it yet (nor the levels above it, made with it), and
+    # our object must not be indexed first.
+    if found:
+        while len(levels) < 3:
+            levels.append(levels[-1].parent)
     for level in levels:
         fsync_dir(level.parent)
 

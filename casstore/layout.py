@@ -117,6 +117,8 @@ class Layout:
             tops = set(os.listdir(self.objects))
         except FileNotFoundError:
             tops = set()
+        except OSError:  # not a directory, not readable: as has_object finds them
+            return [self.has_object(sha) for sha in shas]
         return [sha[:2] in tops and self.has_object(sha) for sha in shas]
 
     def lock_path(self, key: str) -> Path:
