@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, unquote_to_bytes, urlencode, urlsplit, urlunsplit
 
 from .errors import InvalidInput
 
@@ -68,10 +68,24 @@ def check_url(url: str) -> str:
     """Return ``url`` if casstore can fetch it.
 
     Raises:
-        InvalidInput: unsupported scheme or no host (the URL is redacted in the message).
+        InvalidInput: unsupported scheme or no host, or bytes that are not text
+            (the URL is redacted in the message).
     """
     if _plain(url):
         return url
+    if not url.isascii():
+        try:
+            url.encode("utf-8")
+        except UnicodeEncodeError:
+            # A byte of the command line that is not UTF-8 (Python keeps it as a
+            # lone surrogate): no index, log or request could hold it.
+            shown = (
+                redact(url).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            )
+            raise InvalidInput(
+                f"invalid URL {shown}: it holds bytes that are not UTF-8 (percent-encode them)",
+                url=shown,
+            ) from None
     try:
         parts = urlsplit(url)
     except ValueError as exc:
@@ -104,5 +118,8 @@ def file_name(url: str) -> str:
 
 
 def local_path(url: str) -> str:
-    """The filesystem path of a ``file://`` URL."""
-    return unquote(urlsplit(url).path)
+    """The filesystem path of a ``file://`` URL, its escapes taken as bytes
+    (``%FF`` names the byte 0xFF, as in a file name that is not UTF-8)."""
+    import os
+
+    return os.fsdecode(unquote_to_bytes(urlsplit(url).path))

@@ -355,6 +355,30 @@ def test_readme_setup_example_runs(run_cli):
     assert os.path.isfile(r.stdout.decode().strip())
 
 
+def test_a_url_with_bytes_that_are_not_utf8(run_cli, store_dir, tmp_path):
+    # As a raw byte on the command line: bad input, one line, nothing stored.
+    name = os.fsdecode(b"f\xffx")
+    (tmp_path / name).write_bytes(b"latin")
+    raw = os.fsencode(f"file://{tmp_path}/") + b"f\xffx"
+    r = subprocess.run(
+        [sys.executable, "-m", "casstore", "get", raw],
+        capture_output=True,
+        env={**os.environ, "CASSTORE_DIR": str(store_dir)},
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.decode()
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "not UTF-8" in err and "\\xff" in err
+    objects = store_dir / "sha256"
+    assert not objects.exists() or not [p for p in objects.rglob("*") if p.is_file()]
+    # Percent-encoded, the byte names that file.
+    r = run_cli("get", f"file://{tmp_path}/f%FFx", "--sha256", sha(b"latin"))
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.decode().strip()).read_bytes() == b"latin"
+    assert_store_consistent(store_dir)
+
+
 def test_the_command_line_closes_its_index_before_it_exits(run_cli, origin, store_dir, tmp_path):
     # It leaves without the interpreter's teardown (__main__._exit), so its store
     # is closed first: SQLite checkpoints and removes the WAL, as at any close.
