@@ -734,6 +734,8 @@ class Store:
             if share is not None:
                 share.when_gone(lambda: throttle.set_ceiling(workers))
                 counts.append(throttle.count)
+                if committer is not None:  # the first run: its jobs are the groups'
+                    hurry.append(throttle.hurry)
             throttle.run(
                 jobs,
                 lambda job, slot: serve_group(*job, committer, slot, share),
@@ -746,6 +748,8 @@ class Store:
             jobs: list[tuple[list[int], Failed]] = [(g, {}) for g in groups.values()]
             committer = GroupCommit(self.layout, self.index)
             counts: list[Callable[[int], None]] = []  # the running throttle's count
+            hurry: list[Callable[[object], None]] = []  # the first run's throttle's
+            job_of = {job[0][0]: job for job in jobs}
 
             def helped(group: int, got: Fetched) -> None:
                 """The helper has fetched ``group``'s object: its row is the batch's
@@ -755,6 +759,10 @@ class Store:
                 committer.adopt(req.sha256, got.size, _row(req, got.blake3, None, got.url))
                 if counts:
                     counts[-1](got.size)
+                if hurry:
+                    # Served now, not when the workers reach the far end of the
+                    # list: on_done, and with it fetch's progress, follows the helper.
+                    hurry[0](job_of[group])
 
             share = self._share(reqs, [g for g, _ in jobs], concurrency, processes, helped)
             try:

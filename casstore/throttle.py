@@ -125,6 +125,10 @@ class Throttle:
         self._up = False  # whether the next trial is of more workers, where both may be
         self._pause = FIRST_PAUSE
         self._wait = 0
+        # Jobs to serve before their turn (``hurry``), and the ids of those
+        # served so, skipped when their turn comes: of the run under way.
+        self._urgent: deque[object] = deque()
+        self._early: set[int] = set()
 
     def set_ceiling(self, ceiling: int) -> None:
         """Change the most slots (a helper process took one of them, or gave it
@@ -135,6 +139,14 @@ class Throttle:
             self._trial_from = None
             self.limit = self.ceiling if at_top else min(self.limit, self.ceiling)
             self._cond.notify_all()
+
+    def hurry(self, job: object) -> None:
+        """Have the next free worker of the run under way serve ``job`` (one of
+        its jobs, not yet begun) before the jobs ahead of it: a helper process
+        has fetched its item (spread.py), and the batch's progress should say so
+        now rather than when its workers reach the far end of the list."""
+        with self._cond:  # (no one to wake: a parked worker waits for a slot, not a job)
+            self._urgent.append(job)
 
     def run(
         self,
@@ -158,6 +170,8 @@ class Throttle:
         second interrupt does not wait for them), then it is raised here.
         """
         todo = deque(jobs)
+        urgent, early = self._urgent, self._early
+        begun: set[int] = set()  # ids of the jobs served or under way
         errors: list[BaseException] = []
         # Threads started and not ended, and those serving a job, under _cond.
         # Waited for on _cond, not joined: before Python 3.13 a join that an
@@ -172,15 +186,27 @@ class Throttle:
                         if slot._held and self._running > self.limit:
                             self._leave()
                             slot._held = False
-                        while todo and not slot._held:
+                        while True:
+                            while todo and id(todo[0]) in early:
+                                early.discard(id(todo.popleft()))  # served before its turn
+                            if not todo:
+                                return
+                            if slot._held:
+                                break
                             if self._running < self.limit:
                                 self._running += 1
                                 slot._held = True
-                            else:
-                                self._cond.wait()
-                        if not todo:
-                            return
-                        job = todo.popleft()
+                                break
+                            self._cond.wait()
+                        job = None
+                        while urgent and job is None:
+                            hurried = urgent.popleft()
+                            job = None if id(hurried) in begun else hurried
+                        if job is None or job is todo[0]:
+                            job = todo.popleft()
+                        else:
+                            early.add(id(job))  # skipped when its turn comes
+                        begun.add(id(job))
                         serving[0] += 1
                     slot.bytes, slot.counts = 0, True
                     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from casstore import Request, Store, spread
+from casstore import Artifact, Request, Store, spread
 from casstore.errors import DownloadError
 from casstore.spread import HELPER_NAME, SPREAD_MIN, SPREAD_MIN_FORKED, wanted
 
@@ -153,6 +153,30 @@ def test_a_helper_fetches_from_the_far_end_while_the_batch_is_held(
         assert [store.resolve(f"n{i}") for i in range(12)] == [sha(d) for _, d in items]
     assert "started) may take" in caplog.text  # this process runs threads: not forked
     assert _helpers() == []  # finished and reaped
+    assert_store_consistent(store_dir, indexed=True)
+
+
+def test_what_the_helper_fetched_is_served_as_it_reports_it(store, store_dir, origin):
+    # Served (on_done, and with it fetch's progress) as the helper reports it,
+    # before the items ahead of it in the list, not when a worker gets there.
+    items = _items(origin, 10)
+    pairs = [(u, sha(d)) for u, d in items]
+    done: list[int] = []
+
+    def batch() -> list:
+        return store.ensure_many(
+            pairs, concurrency=2, processes=2, on_done=lambda i, _out: done.append(i)
+        )
+
+    with Held(origin, "/f1"):  # the batch's worker, after f0
+        thread, out = _in_thread(batch)
+        # Once the helper is done its slot is the batch's: a second worker serves
+        # its items, in the order it reported them (from the far end).
+        _until(lambda: len(done) == 9, "the helper's items served")
+        assert done == [0, *range(9, 1, -1)]  # not f2 first, as the list has them
+    thread.join(60)
+    assert done[-1] == 1 and all(isinstance(r, Artifact) for r in out[0])
+    assert all(origin.count(f"/f{i}") == 1 for i in range(10))
     assert_store_consistent(store_dir, indexed=True)
 
 

@@ -206,6 +206,42 @@ def test_a_failing_job_stops_the_jobs_not_begun():
     assert served == [0, 1, 2, 3]
 
 
+@pytest.mark.timeout(30)
+def test_hurried_jobs_are_served_before_their_turn_and_each_once():
+    jobs = [["a"], ["b"], ["c"], ["d"], ["e"]]  # (ids tell jobs apart, as the batch's)
+    throttle = Throttle(1)
+    served = []
+
+    def serve(job, slot):
+        served.append(job[0])
+        if job is jobs[0]:
+            throttle.hurry(jobs[4])  # a helper's item, reported
+            throttle.hurry(jobs[4])  # (reported twice: served once)
+            throttle.hurry(jobs[1])  # next anyway
+            throttle.hurry(jobs[0])  # under way already
+
+    throttle.run(jobs, serve, threads=1)
+    assert served == ["a", "e", "b", "c", "d"]
+
+
+@pytest.mark.timeout(30)
+def test_a_job_hurried_from_another_thread_is_served_once_by_many_workers():
+    jobs = [[i] for i in range(400)]
+    throttle = Throttle(4)
+    served = []
+    lock = threading.Lock()
+
+    def serve(job, slot):
+        with lock:
+            served.append(job[0])
+
+    hurrier = threading.Thread(target=lambda: [throttle.hurry(j) for j in reversed(jobs)])
+    hurrier.start()
+    throttle.run(jobs, serve, threads=4)
+    hurrier.join()
+    assert sorted(served) == list(range(400))
+
+
 def test_between_one_and_the_ceiling_trials_alternate_fewer_and_more():
     # Busy, and fastest at four workers: it settles there, looking both ways in turn.
     rate = {8: 800.0, 4: 1000.0, 2: 700.0, 1: 400.0}
