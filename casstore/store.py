@@ -749,7 +749,7 @@ class Store:
             committer = GroupCommit(self.layout, self.index)
             counts: list[Callable[[int], None]] = []  # the running throttle's count
             hurry: list[Callable[[object], None]] = []  # the first run's throttle's
-            job_of = {job[0][0]: job for job in jobs}
+            job_of = _hurriable(reqs, jobs)
 
             def helped(group: int, got: Fetched) -> None:
                 """The helper has fetched ``group``'s object: its row is the batch's
@@ -759,7 +759,7 @@ class Store:
                 committer.adopt(req.sha256, got.size, _row(req, got.blake3, None, got.url))
                 if counts:
                     counts[-1](got.size)
-                if hurry:
+                if hurry and group in job_of:
                     # Served now, not when the workers reach the far end of the
                     # list: on_done, and with it fetch's progress, follows the helper.
                     hurry[0](job_of[group])
@@ -1110,6 +1110,31 @@ def _lock_now(layout: Layout, key: str, *, label: str) -> Iterator[bool | None]:
         return
     with single_flight(layout, key, label=label, wait=False) as held:
         yield True if held else None
+
+
+def _hurriable(reqs: list[Request], jobs: list[Any]) -> dict[int, Any]:
+    """By its item, each job ``ensure_many`` may serve out of batch order once
+    the helper has fetched it: one item that gives no URL, name or destination
+    another item also gives (where two do, the last one recorded wins, and
+    batch order decides which that is)."""
+    from collections import Counter
+
+    urls = Counter(req.url for req in reqs)
+    names = Counter(req.name for req in reqs if req.name is not None)
+    # (As given, with no syscall each: two spellings of one path count as two.)
+    dests = Counter(str(req.dest) for req in reqs if req.dest is not None)
+    out = {}
+    for job in jobs:
+        (i, *more) = job[0]
+        req = reqs[i]
+        if (
+            not more
+            and urls[req.url] == 1
+            and (req.name is None or names[req.name] == 1)
+            and (req.dest is None or dests[str(req.dest)] == 1)
+        ):
+            out[i] = job
+    return out
 
 
 def _row(req: Request, blake3: str, md5: str | None, final_url: str) -> dict[str, Any]:

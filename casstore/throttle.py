@@ -125,10 +125,8 @@ class Throttle:
         self._up = False  # whether the next trial is of more workers, where both may be
         self._pause = FIRST_PAUSE
         self._wait = 0
-        # Jobs to serve before their turn (``hurry``), and the ids of those
-        # served so, skipped when their turn comes: of the run under way.
-        self._urgent: deque[object] = deque()
-        self._early: set[int] = set()
+        # Jobs to serve before their turn (``hurry``): of the run under way only.
+        self._urgent: deque[object] | None = None
 
     def set_ceiling(self, ceiling: int) -> None:
         """Change the most slots (a helper process took one of them, or gave it
@@ -146,7 +144,8 @@ class Throttle:
         has fetched its item (spread.py), and the batch's progress should say so
         now rather than when its workers reach the far end of the list."""
         with self._cond:  # (no one to wake: a parked worker waits for a slot, not a job)
-            self._urgent.append(job)
+            if self._urgent is not None:
+                self._urgent.append(job)
 
     def run(
         self,
@@ -170,8 +169,11 @@ class Throttle:
         second interrupt does not wait for them), then it is raised here.
         """
         todo = deque(jobs)
-        urgent, early = self._urgent, self._early
+        urgent: deque[object] = deque()
+        early: set[int] = set()  # ids of the jobs served before their turn: skipped at it
         begun: set[int] = set()  # ids of the jobs served or under way
+        with self._cond:
+            self._urgent = urgent
         errors: list[BaseException] = []
         # Threads started and not ended, and those serving a job, under _cond.
         # Waited for on _cond, not joined: before Python 3.13 a join that an
@@ -268,6 +270,9 @@ class Throttle:
                 )
             wait()
             raise
+        finally:
+            with self._cond:
+                self._urgent = None  # (a hurry from now on is too late for this run)
         if errors:
             raise errors[0]
 

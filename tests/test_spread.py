@@ -180,6 +180,27 @@ def test_what_the_helper_fetched_is_served_as_it_reports_it(store, store_dir, or
     assert_store_consistent(store_dir, indexed=True)
 
 
+def test_a_name_two_groups_give_is_the_later_ones_with_a_helper(store, store_dir, origin):
+    # "foo" is item 1's and item 9's, the second of a group whose first item the
+    # helper fetches (from the far end): that group is not served before its
+    # turn, so the last to record "foo" is item 9, as the batch's order says.
+    d0, dh, dg = blob(3000, seed=1), blob(3001, seed=2), blob(3002, seed=3)
+    store.put(dh)  # item 1 is a hit: it records its name when served
+    fill = [blob(3003 + i, seed=10 + i) for i in range(6)]
+    reqs = [Request(origin.add("/f0", d0), sha256=sha(d0))]
+    reqs.append(Request(origin.add("/h", dh), sha256=sha(dh), name="foo"))
+    reqs += [Request(origin.add(f"/x{i}", d), sha256=sha(d)) for i, d in enumerate(fill)]
+    reqs.append(Request(origin.add("/g", dg), sha256=sha(dg)))
+    reqs.append(Request(origin.add("/g2", dg), sha256=sha(dg), name="foo"))
+    with Held(origin, "/f0"):
+        thread, _ = _in_thread(lambda: store.ensure_many(reqs, concurrency=2, processes=2))
+        _until(lambda: store.index.lookup_source(reqs[8].url), "the helper's rows")
+    thread.join(60)
+    assert origin.count("/g") == 1 and origin.count("/g2") == 0
+    assert store.index.lookup_name("foo") == sha(dg)
+    assert_store_consistent(store_dir, indexed=True)
+
+
 def test_what_a_helper_is_not_handed(store, store_dir, origin):
     """Items with mirrors or an md5, a name another item also gives, or a URL
     that a digest-less item also asks for, stay the batch's (their sources,

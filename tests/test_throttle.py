@@ -225,6 +225,16 @@ def test_hurried_jobs_are_served_before_their_turn_and_each_once():
 
 
 @pytest.mark.timeout(30)
+def test_a_hurry_is_the_run_under_ways_only():
+    throttle = Throttle(1)
+    served = []
+    throttle.run([["a"], ["b"]], lambda job, slot: served.append(job[0]), threads=1)
+    throttle.hurry(["late"])  # (a helper's report after the run: nobody's job now)
+    throttle.run([["x"], ["y"]], lambda job, slot: served.append(job[0]), threads=1)
+    assert served == ["a", "b", "x", "y"]
+
+
+@pytest.mark.timeout(30)
 def test_a_job_hurried_from_another_thread_is_served_once_by_many_workers():
     jobs = [[i] for i in range(400)]
     throttle = Throttle(4)
