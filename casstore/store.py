@@ -749,7 +749,7 @@ class Store:
             committer = GroupCommit(self.layout, self.index)
             counts: list[Callable[[int], None]] = []  # the running throttle's count
             hurry: list[Callable[[object], None]] = []  # the first run's throttle's
-            job_of = _hurriable(reqs, jobs)
+            hurriable: list[dict[int, Any]] = []  # made at the helper's first report
 
             def helped(group: int, got: Fetched) -> None:
                 """The helper has fetched ``group``'s object: its row is the batch's
@@ -759,10 +759,14 @@ class Store:
                 committer.adopt(req.sha256, got.size, _row(req, got.blake3, None, got.url))
                 if counts:
                     counts[-1](got.size)
-                if hurry and group in job_of:
+                if hurry:
                     # Served now, not when the workers reach the far end of the
                     # list: on_done, and with it fetch's progress, follows the helper.
-                    hurry[0](job_of[group])
+                    if not hurriable:
+                        hurriable.append(_hurriable(reqs, jobs))
+                    job = hurriable[0].get(group)
+                    if job is not None:
+                        hurry[0](job)
 
             share = self._share(reqs, [g for g, _ in jobs], concurrency, processes, helped)
             try:
