@@ -699,12 +699,16 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     must keep for ``Authorization`` to go along.  Raises ValueError on a URL
     ``urlsplit`` cannot take apart."""
     parts = urlsplit(url)
-    scheme = parts.scheme.lower()
     try:
-        port = parts.port or _PORTS.get(scheme)
+        return _key(parts)
     except ValueError:  # a malformed port: not ours to take, httpx says what is wrong
-        port = None
-    return scheme, parts.hostname or "", port
+        return parts.scheme.lower(), parts.hostname or "", None
+
+
+def _key(parts: Any) -> tuple[str, str, int | None]:
+    """``_origin`` of split ``parts``; ValueError on a malformed port."""
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname or "", parts.port or _PORTS.get(scheme)
 
 
 # The common shape of a URL: a scheme, a host name, a port maybe, then the rest.
@@ -726,9 +730,7 @@ def _split(url: str) -> tuple[tuple[str, str, int | None], str, str, bool]:
         scheme = scheme.lower()
         return (scheme, host.lower(), int(port or 0) or _PORTS[scheme]), path, query, False
     parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    key = (scheme, parts.hostname or "", parts.port or _PORTS.get(scheme))
-    return key, parts.path, parts.query, parts.username is not None
+    return _key(parts), parts.path, parts.query, parts.username is not None
 
 
 def _host_field(key: tuple[str, str, int | None]) -> str:

@@ -170,8 +170,7 @@ class Throttle:
         """
         todo = deque(jobs)
         urgent: deque[object] = deque()
-        early: set[int] = set()  # ids of the jobs served before their turn: skipped at it
-        begun: set[int] = set()  # ids of the jobs served or under way
+        begun: set[int] = set()  # ids of the jobs served or under way (early ones: skipped)
         with self._cond:
             self._urgent = urgent
         errors: list[BaseException] = []
@@ -189,8 +188,8 @@ class Throttle:
                             self._leave()
                             slot._held = False
                         while True:
-                            while todo and id(todo[0]) in early:
-                                early.discard(id(todo.popleft()))  # served before its turn
+                            while todo and id(todo[0]) in begun:
+                                todo.popleft()  # served before its turn
                             if not todo:
                                 return
                             if slot._held:
@@ -204,10 +203,8 @@ class Throttle:
                         while urgent and job is None:
                             hurried = urgent.popleft()
                             job = None if id(hurried) in begun else hurried
-                        if job is None or job is todo[0]:
+                        if job is None:
                             job = todo.popleft()
-                        else:
-                            early.add(id(job))  # skipped when its turn comes
                         begun.add(id(job))
                         serving[0] += 1
                     slot.bytes, slot.counts = 0, True
